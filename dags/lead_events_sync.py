@@ -1,0 +1,50 @@
+"""Nightly lead-event sync: warehouse signups and verifications to CutMeShort, with an audit.
+
+One run per day of the partition time zone (UTC by default): the run whose data interval
+is [D, D+1) syncs day D; conf {"partition_date": "YYYY-MM-DD"} names a day explicitly.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag
+from airflow.timetables.interval import CronDataIntervalTimetable
+
+from lead_sync.config import load_config
+from lead_sync_airflow.operators import (
+    ExtractLeadEventsOperator,
+    LeadEventsSummaryOperator,
+    SendLeadEventsOperator,
+)
+
+config = load_config()
+
+
+@dag(
+    dag_id="lead_events_sync",
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone=config.partition_timezone),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params={
+        "partition_date": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                description="Day to sync (YYYY-MM-DD); empty = the run's data interval."),
+        "time_budget_seconds": Param(3300, type="integer", minimum=1,
+                                     description="Sending stops after this long; the rest stays pending."),
+    },
+    default_args={"retries": 0},
+    tags=["cutmeshort", "leads"],
+    doc_md=__doc__,
+)
+def lead_events_sync():
+    extract = ExtractLeadEventsOperator(task_id="extract_and_map")
+    send = SendLeadEventsOperator(
+        task_id="send_lead_events",
+        pool="cutmeshort_api",
+        time_budget_seconds="{{ params.time_budget_seconds }}",
+    )
+    summary = LeadEventsSummaryOperator(task_id="audit_summary")
+    extract >> send >> summary
+
+
+lead_events_sync()

@@ -1,0 +1,137 @@
+"""The delivery audit schema: what the pipeline keeps in the warehouse.
+
+`lead_event_deliveries` is also the state of each event (the pipeline resumes from it);
+`lead_event_outbox` holds the exact body of each event still to be sent, because the
+audit copy of a payload is redacted. The rate-limit tables let every sender in a
+deployment share one request budget.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+TS = DateTime(timezone=True)
+
+deliveries = Table(
+    "lead_event_deliveries",
+    metadata,
+    Column("event_key", String(64), primary_key=True),
+    Column("source", String(100), nullable=False),
+    Column("partition_date", Date, nullable=False),
+    Column("customer_external_id", String(255)),
+    Column("event_name", String(255)),
+    Column("tracking", String(20), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("reason", Text),
+    Column("notes", Text),
+    Column("payload", Text),  # JSON as sent, names and emails hashed
+    Column("payload_sha256", String(64)),
+    Column("event_time", TS),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("http_status", Integer),
+    Column("response", Text),  # the API's last answer, truncated
+    Column("first_attempt_at", TS),
+    Column("last_attempt_at", TS),
+    Column("delivered_at", TS),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("last_run_id", String(250)),
+    # Set while a request for this event may be on the wire: a lease, so that two
+    # senders never send one event at once and a dead sender's request is detected.
+    Column("inflight_run_id", String(250)),
+    Column("inflight_until", TS),
+)
+Index("ix_lead_event_deliveries_status", deliveries.c.status, deliveries.c.partition_date)
+Index("ix_lead_event_deliveries_customer", deliveries.c.customer_external_id, deliveries.c.tracking)
+Index("ix_lead_event_deliveries_run", deliveries.c.last_run_id)
+
+attempts = Table(
+    "lead_event_delivery_attempts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("event_key", String(64), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("run_id", String(250)),
+    Column("sent_at", TS, nullable=False),
+    Column("http_status", Integer),
+    Column("latency_ms", Integer),
+    Column("outcome", String(20), nullable=False),
+    Column("error", Text),
+)
+Index("ix_lead_event_delivery_attempts_key", attempts.c.event_key, attempts.c.attempt)
+Index("ix_lead_event_delivery_attempts_run", attempts.c.run_id)
+
+sync_runs = Table(
+    "lead_event_sync_runs",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("partition_date", Date, nullable=False),
+    Column("started_at", TS, nullable=False),
+    Column("finished_at", TS),
+    Column("events_read", Integer),
+    Column("repeats", Integer),
+    Column("requests_sent", Integer),
+    Column("pending", Integer),
+    Column("delivered", Integer),
+    Column("rejected", Integer),
+    Column("failed", Integer),
+    Column("skipped", Integer),
+    Column("send_result", String(40)),
+    Column("outcome", String(20), nullable=False),
+    Column("message", Text),
+)
+
+outbox = Table(
+    "lead_event_outbox",
+    metadata,
+    Column("event_key", String(64), primary_key=True),
+    Column("body", Text, nullable=False),
+)
+
+rate_buckets = Table(
+    "lead_event_rate_buckets",
+    metadata,
+    Column("bucket", String(64), primary_key=True),
+    Column("touched_at", Float, nullable=False),
+)
+
+rate_slots = Table(
+    "lead_event_rate_slots",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("bucket", String(64), nullable=False),
+    Column("granted_at", Float, nullable=False),  # epoch seconds
+)
+Index("ix_lead_event_rate_slots_bucket", rate_slots.c.bucket, rate_slots.c.granted_at)
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create whatever audit table is missing; safe when several tasks race to do it."""
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine, checkfirst=True)
+            return
+        except SQLAlchemyError:
+            if attempt == 2:
+                raise
+            log.info("audit schema creation raced with another task; checking again")
+            time.sleep(0.5)

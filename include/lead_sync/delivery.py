@@ -1,0 +1,159 @@
+"""Delivery: send every open event once, in order, within the rate limit and the time budget."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from sqlalchemy.engine import Engine
+
+from . import state
+from .client import ApiResponse, CutMeShortClient
+from .events import DELIVERED, FAILED, REJECTED
+from .ratelimit import SharedRateLimiter
+from .retry import CREDENTIALS, RETRY, RetryPolicy, classify, describe, retrying
+
+log = logging.getLogger(__name__)
+
+
+class CredentialsRefused(RuntimeError):
+    """The API refused the token (401/403): nothing more can be sent with it."""
+
+
+@dataclass
+class SendReport:
+    requests: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    failed: int = 0
+    recovered_unknown: int = 0
+    budget_exhausted: bool = False
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    def count(self, response: ApiResponse) -> None:
+        self.requests += 1
+        key = str(response.http_status) if response.http_status is not None else "no_response"
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+
+
+def decide(response: ApiResponse, attempt_in_run: int, max_attempts: int) -> state.Outcome:
+    """Turn one answer into the event's next state."""
+    kind = classify(response)
+    text = describe(response)
+    base = dict(http_status=response.http_status, latency_ms=response.latency_ms, error=response.error,
+                response=response.body, retry_after=response.retry_after)
+    if kind == "delivered":
+        reason = "API answered 409 (already recorded): counted as delivered" if response.http_status == 409 else None
+        return state.Outcome(DELIVERED, status=DELIVERED, reason=reason, **base)
+    if kind == "rejected":
+        return state.Outcome(REJECTED, status=REJECTED, reason=f"rejected by the API: {text}", **base)
+    if kind == CREDENTIALS:
+        return state.Outcome(CREDENTIALS, status=None, reason=None, **base)
+    if attempt_in_run >= max_attempts:
+        return state.Outcome(FAILED, status=FAILED, reason=f"gave up after {attempt_in_run} attempts this run: {text}",
+                             **base)
+    return state.Outcome(RETRY, status=None, reason=f"retrying: {text}", **base)
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class Sender:
+    """Delivers open events for one run. Its state lives in the warehouse, not here."""
+
+    def __init__(self, engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter,
+                 policy: RetryPolicy, run_id: str, deadline: float, credentials_hint: str = "",
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.engine = engine
+        self.client = client
+        self.limiter = limiter
+        self.policy = policy
+        self.run_id = run_id
+        self.deadline = deadline  # time.time() value
+        self.credentials_hint = credentials_hint
+        self.sleep = sleep
+        # A lease outlives any request the client can make (connect + read timeouts).
+        self.lease_seconds = 2 * client.timeout_seconds + 10
+        self.report = SendReport()
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.time()
+
+    def run(self) -> SendReport:
+        started = state.utcnow()
+        self.report.recovered_unknown += state.recover_abandoned(self.engine, self.run_id)
+        self._send_all(started)
+        # Events a stopped sender left leased can be taken once the lease runs out.
+        expiry = state.next_lease_expiry(self.engine)
+        if expiry is not None and not self.report.budget_exhausted:
+            wait = (expiry - state.utcnow()).total_seconds() + 0.5
+            if wait < self.seconds_left():
+                log.info("waiting %.1fs for in-flight leases of an earlier sender to expire", max(wait, 0))
+                self.sleep(max(wait, 0))
+                self.report.recovered_unknown += state.recover_abandoned(self.engine, self.run_id)
+                self._send_all(started)
+        return self.report
+
+    def _send_all(self, started: datetime) -> None:
+        # Event 1s first, then the event 2s whose event 1 is now delivered.
+        for confirms in (False, True):
+            while not self.report.budget_exhausted:
+                keys = state.sendable_keys(self.engine, confirms, started)
+                if not keys:
+                    break
+                for key in keys:
+                    if self.seconds_left() <= 0:
+                        self.report.budget_exhausted = True
+                        break
+                    self._deliver(key)
+
+    def _deliver(self, key: str) -> None:
+        payload = state.outbox_body(self.engine, key)
+        if payload is None:
+            return
+        tries = {"n": 0}
+
+        def attempt() -> state.Outcome | None:
+            if not self.limiter.acquire(self.deadline):
+                raise _OutOfTime
+            number = state.claim(self.engine, key, self.run_id, self.lease_seconds)
+            if number is None:
+                return None  # another sender took it, or it closed meanwhile
+            tries["n"] += 1
+            sent_at = state.utcnow()
+            response = self.client.track_lead(payload)
+            self.report.count(response)
+            outcome = decide(response, tries["n"], self.policy.max_attempts)
+            state.record(self.engine, key, number, self.run_id, sent_at, outcome)
+            if outcome.outcome == CREDENTIALS:
+                raise CredentialsRefused(
+                    f"the CutMeShort API refused the token ({describe(response)}); "
+                    f"check the password of connection {self.credentials_hint or 'cutmeshort_default'}. "
+                    "Open events stay pending."
+                )
+            return outcome
+
+        policy = retrying(
+            self.policy, self.seconds_left(),
+            should_retry=lambda o: o is not None and o.outcome == RETRY,
+            retry_after=lambda o: o.retry_after if o is not None else None,
+            sleep=self.sleep,
+        )
+        try:
+            outcome = policy(attempt)
+        except _OutOfTime:
+            self.report.budget_exhausted = True
+            return
+        if outcome is None:
+            return
+        if outcome.status == DELIVERED:
+            self.report.delivered += 1
+        elif outcome.status == REJECTED:
+            self.report.rejected += 1
+        elif outcome.status == FAILED:
+            self.report.failed += 1
+        elif outcome.outcome == RETRY:
+            self.report.budget_exhausted = True  # stopped retrying for lack of time: stays open

@@ -1,0 +1,320 @@
+"""Payload rules: warehouse rows (pandas frames) to CutMeShort lead events.
+
+Everything the contract says about what is sent, and what is not, lives here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import unicodedata
+import uuid
+from datetime import date, datetime, time, timezone
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+from email_validator import EmailNotValidError, validate_email
+
+from .config import SourceConfig
+from .events import DEFERRED_CONFIRM, DEFERRED_START, NON_DEFERRED, PENDING, SKIPPED, LeadEvent
+from .partition import Partition
+
+MAX_TEXT = 255
+MAX_URL = 2048
+
+SIGNUP_COLUMNS = ("customer_external_id", "click_id", "event_time")
+SIGNUP_OPTIONAL = ("customer_name", "customer_email", "customer_avatar", "requires_verification")
+VERIFICATION_COLUMNS = ("customer_external_id", "event_name", "event_time")
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0", ""}
+
+
+class InvalidValue(ValueError):
+    """A source value that cannot be put on the wire; the message is the audit reason."""
+
+
+class SourceShapeError(ValueError):
+    """A source query did not return the columns its kind needs."""
+
+
+def is_absent(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return True
+    return isinstance(value, np.datetime64) and np.isnat(value)
+
+
+def check_text(value: str, what: str, max_len: int = MAX_TEXT) -> str:
+    """A stripped, non-empty, printable string of bounded length, or InvalidValue."""
+    text = value.strip()
+    if not text:
+        raise InvalidValue(f"{what} is empty")
+    if len(text) > max_len:
+        raise InvalidValue(f"{what} is longer than {max_len} characters")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+        raise InvalidValue(f"{what} contains control characters")
+    return text
+
+
+def id_text(value: Any, what: str) -> str:
+    """An identifier as the API must see it: integers without a decimal part, trimmed text."""
+    if is_absent(value):
+        raise InvalidValue(f"no {what}")
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidValue(f"{what} is a boolean, not an identifier")
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating, Decimal)):
+        if not math.isfinite(value):
+            raise InvalidValue(f"{what} is not a finite number")
+        if value == int(value):
+            return str(int(value))
+        return check_text(format(Decimal(str(value)).normalize(), "f"), what)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        return check_text(value, what)
+    raise InvalidValue(f"{what} has unsupported type {type(value).__name__}")
+
+
+def utc_moment(value: Any, what: str) -> datetime:
+    """An aware UTC datetime; naive values are UTC by contract."""
+    if is_absent(value):
+        raise InvalidValue(f"no {what}")
+    try:
+        if isinstance(value, pd.Timestamp):
+            moment = value.to_pydatetime(warn=False)
+        elif isinstance(value, datetime):
+            moment = value
+        elif isinstance(value, date):
+            moment = datetime.combine(value, time(0))
+        elif isinstance(value, np.datetime64):
+            moment = pd.Timestamp(value).to_pydatetime(warn=False)
+        elif isinstance(value, str):
+            text = value.strip()
+            if text.endswith(("Z", "z")):
+                text = text[:-1] + "+00:00"
+            moment = datetime.fromisoformat(text)
+        else:
+            raise InvalidValue(f"{what} has unsupported type {type(value).__name__}")
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as exc:
+        if isinstance(exc, InvalidValue):
+            raise
+        raise InvalidValue(f"{what} is not a timestamp: {str(value)[:40]!r}") from exc
+
+
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="auto").replace("+00:00", "Z")
+
+
+def as_flag(value: Any) -> bool:
+    """requires_verification: null is false; booleans, 0/1 and true/false words accepted."""
+    if is_absent(value):
+        return False
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, (float, np.floating)) and value in (0.0, 1.0):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InvalidValue(f"requires_verification is not a boolean: {str(value)[:40]!r}")
+
+
+def email_or_none(value: Any) -> str | None:
+    if is_absent(value):
+        return None
+    if not isinstance(value, str):
+        raise InvalidValue("customerEmail is not text")
+    text = check_text(value, "customerEmail", 320)
+    try:
+        validate_email(text, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise InvalidValue("customerEmail is not an email address") from exc
+    return text
+
+
+def avatar_or_none(value: Any) -> str | None:
+    if is_absent(value):
+        return None
+    if not isinstance(value, str):
+        raise InvalidValue("customerAvatar is not text")
+    text = check_text(value, "customerAvatar", MAX_URL)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise InvalidValue("customerAvatar is not an http(s) URL") from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
+        raise InvalidValue("customerAvatar is not an http(s) URL")
+    return text
+
+
+def name_or_none(value: Any) -> str | None:
+    if is_absent(value):
+        return None
+    if not isinstance(value, str):
+        raise InvalidValue("customerName is not text")
+    if not value.strip():
+        return None
+    return check_text(value, "customerName")
+
+
+def event_key(customer_external_id: str, event_name: str) -> str:
+    """Deterministic key: one lead event per customer and event name."""
+    digest = hashlib.sha256(f"{customer_external_id}\x1f{event_name}".encode()).hexdigest()
+    return f"ev_{digest[:40]}"
+
+
+def row_key(source: str, row: dict) -> str:
+    """Key of a row that cannot name its customer or event: its source and contents."""
+    body = json.dumps(row, sort_keys=True, default=repr, ensure_ascii=True)
+    digest = hashlib.sha256(f"{source}\x1f{body}".encode()).hexdigest()
+    return f"row_{digest[:40]}"
+
+
+def payload_digest(payload: dict | None) -> str | None:
+    """Fingerprint of the body as it would be sent: a change reopens a rejected event."""
+    if payload is None:
+        return None
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def _hash(value: str) -> str:
+    return "sha256:" + hashlib.sha256(value.strip().lower().encode()).hexdigest()
+
+
+def redact(payload: dict | None) -> dict | None:
+    """The payload as audited: names and emails replaced by their SHA-256."""
+    if payload is None:
+        return None
+    out = dict(payload)
+    for field in ("customerName", "customerEmail"):
+        if field in out:
+            out[field] = _hash(out[field])
+    return out
+
+
+def _require_columns(source: SourceConfig, frame: pd.DataFrame, needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise SourceShapeError(
+            f"source {source.name!r}: its SQL must return column(s) {', '.join(missing)}"
+        )
+
+
+def _plain_row(record: dict) -> dict:
+    return {k: (None if is_absent(v) else v) for k, v in record.items()}
+
+
+def _skipped(source: SourceConfig, partition: Partition, tracking: str, row: dict, reason: str,
+             customer: str | None = None, name: str | None = None, moment: datetime | None = None) -> LeadEvent:
+    key = event_key(customer, name) if customer and name else row_key(source.name, row)
+    return LeadEvent(key, source.name, partition.day, tracking, SKIPPED, None,
+                     customer_external_id=customer, event_name=name, event_time=moment, reason=reason)
+
+
+def _in_partition(moment: datetime | None, partition: Partition) -> bool:
+    # A row whose time cannot be read stays with the partition whose query returned it,
+    # so that it is audited rather than lost.
+    return moment is None or partition.contains(moment)
+
+
+def map_signup_row(source: SourceConfig, row: dict, partition: Partition) -> LeadEvent | None:
+    name = source.event_name
+    try:
+        moment = utc_moment(row.get("event_time"), "event time")
+    except InvalidValue as exc:
+        return _skipped(source, partition, NON_DEFERRED, row, str(exc))
+    if not _in_partition(moment, partition):
+        return None
+    try:
+        deferred = as_flag(row.get("requires_verification"))
+    except InvalidValue as exc:
+        return _skipped(source, partition, NON_DEFERRED, row, str(exc), moment=moment)
+    tracking = DEFERRED_START if deferred else NON_DEFERRED
+    try:
+        customer = id_text(row.get("customer_external_id"), "customer id")
+    except InvalidValue as exc:
+        return _skipped(source, partition, tracking, row, str(exc), moment=moment)
+    try:
+        click = id_text(row.get("click_id"), "click_id")
+    except InvalidValue as exc:
+        return _skipped(source, partition, tracking, row, str(exc), customer, name, moment)
+
+    payload: dict[str, Any] = {"eventName": name, "customerExternalId": customer, "clickId": click}
+    if deferred:
+        payload["mode"] = "deferred"
+    payload["timestamp"] = iso_utc(moment)
+    notes = []
+    for field, column, rule in (
+        ("customerName", "customer_name", name_or_none),
+        ("customerEmail", "customer_email", email_or_none),
+        ("customerAvatar", "customer_avatar", avatar_or_none),
+    ):
+        try:
+            value = rule(row.get(column))
+        except InvalidValue as exc:
+            notes.append(f"{field} left out: {exc}")
+            continue
+        if value is not None:
+            payload[field] = value
+    return LeadEvent(event_key(customer, name), source.name, partition.day, tracking, PENDING, payload,
+                     customer_external_id=customer, event_name=name, event_time=moment, notes=notes)
+
+
+def map_verification_row(source: SourceConfig, row: dict, partition: Partition) -> LeadEvent | None:
+    try:
+        moment = utc_moment(row.get("event_time"), "event time")
+    except InvalidValue as exc:
+        return _skipped(source, partition, DEFERRED_CONFIRM, row, str(exc))
+    if not _in_partition(moment, partition):
+        return None
+    try:
+        customer = id_text(row.get("customer_external_id"), "customer id")
+    except InvalidValue as exc:
+        return _skipped(source, partition, DEFERRED_CONFIRM, row, str(exc), moment=moment)
+    try:
+        if not isinstance(row.get("event_name"), (str, type(None))):
+            raise InvalidValue("event_name is not text")
+        name = id_text(row.get("event_name"), "event_name")
+    except InvalidValue as exc:
+        return _skipped(source, partition, DEFERRED_CONFIRM, row, str(exc), moment=moment)
+    payload = {"eventName": name, "customerExternalId": customer, "timestamp": iso_utc(moment)}
+    return LeadEvent(event_key(customer, name), source.name, partition.day, DEFERRED_CONFIRM, PENDING,
+                     payload, customer_external_id=customer, event_name=name, event_time=moment)
+
+
+def map_frame(source: SourceConfig, frame: pd.DataFrame, partition: Partition) -> list[LeadEvent]:
+    """Map one source's rows for one partition; rows outside the partition are dropped."""
+    if source.kind == "signup":
+        _require_columns(source, frame, SIGNUP_COLUMNS)
+        rule = map_signup_row
+    else:
+        _require_columns(source, frame, VERIFICATION_COLUMNS)
+        rule = map_verification_row
+    events = []
+    for record in frame.to_dict("records"):
+        event = rule(source, _plain_row(record), partition)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def first_per_key(events: list[LeadEvent]) -> tuple[list[LeadEvent], int]:
+    """One event per key (the earliest); also returns how many repeats were folded in."""
+    best: dict[str, LeadEvent] = {}
+    far = datetime.max.replace(tzinfo=timezone.utc)
+    for event in events:
+        kept = best.get(event.event_key)
+        if kept is None or (event.event_time or far) < (kept.event_time or far):
+            best[event.event_key] = event
+    return list(best.values()), len(events) - len(best)

@@ -1,0 +1,63 @@
+"""Which day a run syncs, and the UTC bounds of that day in the partition time zone."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class Partition:
+    day: date
+    zone: ZoneInfo
+
+    @property
+    def start(self) -> datetime:
+        return datetime.combine(self.day, time(0), self.zone).astimezone(timezone.utc)
+
+    @property
+    def end(self) -> datetime:
+        return datetime.combine(self.day + timedelta(days=1), time(0), self.zone).astimezone(timezone.utc)
+
+    def sql_window(self) -> dict[str, str]:
+        """Bounds handed to source SQL: one day wider on each side, as plain ISO dates.
+
+        Dates compare correctly against PostgreSQL timestamps and against SQLite text
+        timestamps whatever their separator or offset; the exact cut is made in Python.
+        """
+        return {
+            "window_start": (self.day - timedelta(days=1)).isoformat(),
+            "window_end": (self.day + timedelta(days=2)).isoformat(),
+        }
+
+    def contains(self, moment: datetime) -> bool:
+        return self.start <= moment < self.end
+
+
+def parse_partition_date(value: str) -> date:
+    if not isinstance(value, str) or not _DATE.match(value.strip()):
+        raise ValueError(f"partition_date must be YYYY-MM-DD, got {value!r}")
+    try:
+        return date.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise ValueError(f"partition_date is not a calendar date: {value!r}") from exc
+
+
+def resolve_partition(
+    partition_date: str | None, data_interval_start: datetime | None, zone: ZoneInfo
+) -> Partition:
+    """conf `partition_date` wins; otherwise the day the data interval starts on."""
+    if partition_date:
+        return Partition(parse_partition_date(partition_date), zone)
+    if data_interval_start is None:
+        raise ValueError(
+            "this run has no data interval (manual run without a logical date): "
+            'pass the day to sync as conf {"partition_date": "YYYY-MM-DD"}'
+        )
+    start = data_interval_start
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=timezone.utc)
+    return Partition(start.astimezone(zone).date(), zone)

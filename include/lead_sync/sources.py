@@ -1,0 +1,33 @@
+"""Reading lead sources from the warehouse into pandas frames."""
+from __future__ import annotations
+
+import pandas as pd
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+
+from .config import SourceConfig, SyncConfig
+from .partition import Partition
+
+
+def prepare_engine(engine: Engine) -> Engine:
+    """SQLite: wait for a competing writer instead of failing at once."""
+    if engine.dialect.name == "sqlite" and not getattr(engine, "_lead_sync_prepared", False):
+        @event.listens_for(engine, "connect")
+        def _busy_timeout(dbapi_connection, _record):  # pragma: no cover - driver callback
+            dbapi_connection.execute("PRAGMA busy_timeout = 30000")
+
+        engine._lead_sync_prepared = True  # type: ignore[attr-defined]
+        engine.dispose()  # connections opened before the listener would lack it
+    return engine
+
+
+def read_source(engine: Engine, config: SyncConfig, source: SourceConfig, partition: Partition) -> pd.DataFrame:
+    """The source's rows around the partition, values kept as the driver returned them.
+
+    dtype=object keeps integer ids exact (a nullable integer column would otherwise
+    become float); the mapping normalises every type it may meet.
+    """
+    with engine.connect() as conn:
+        result = conn.execute(text(config.sql_text(source)), partition.sql_window())
+        columns = [c.lower() for c in result.keys()]
+        return pd.DataFrame(result.fetchall(), columns=columns, dtype=object)

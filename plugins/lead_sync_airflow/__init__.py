@@ -1,0 +1,1 @@
+"""Airflow hooks and operators for the lead-event sync; the logic lives in `lead_sync`."""

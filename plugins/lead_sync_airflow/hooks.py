@@ -1,0 +1,65 @@
+"""Hooks: turn Airflow connections into the core's clients."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from airflow.sdk import BaseHook
+from sqlalchemy.engine import Engine
+
+from lead_sync.client import CutMeShortClient
+from lead_sync.ratelimit import bucket_name
+from lead_sync.settings import ApiSettings, parse_api_settings
+from lead_sync.sources import prepare_engine
+
+
+def warehouse_engine(conn_id: str = "warehouse_default") -> Engine:
+    """Any SQL connection whose provider hook builds a SQLAlchemy engine (common-sql)."""
+    hook = BaseHook.get_connection(conn_id).get_hook()
+    if not hasattr(hook, "get_sqlalchemy_engine"):
+        raise ValueError(f"connection {conn_id!r} is not a SQL connection with a SQLAlchemy engine")
+    return prepare_engine(hook.get_sqlalchemy_engine())
+
+
+class CutMeShortHook(BaseHook):
+    """`cutmeshort_default`: conn type http, host = base URL, password = API token (sent as a bearer token).
+
+    The stock HttpHook would send the password as basic auth; this hook never does.
+    """
+
+    conn_name_attr = "cutmeshort_conn_id"
+    default_conn_name = "cutmeshort_default"
+    conn_type = "http"
+    hook_name = "CutMeShort"
+
+    def __init__(self, cutmeshort_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.cutmeshort_conn_id = cutmeshort_conn_id
+        self._conn = self.get_connection(cutmeshort_conn_id)
+
+    @property
+    def base_url(self) -> str:
+        host = (self._conn.host or "").strip()
+        if not host:
+            raise ValueError(f"connection {self.cutmeshort_conn_id!r} has no host (the API base URL)")
+        if "://" not in host:
+            host = f"{self._conn.schema or 'https'}://{host}"
+        if self._conn.port and not urlsplit(host).port:
+            host = f"{host.rstrip('/')}:{self._conn.port}"
+        return host
+
+    @property
+    def settings(self) -> ApiSettings:
+        return parse_api_settings(self._conn.extra_dejson, self.cutmeshort_conn_id)
+
+    def _token(self) -> str:
+        token = self._conn.password
+        if not token:
+            raise ValueError(f"connection {self.cutmeshort_conn_id!r} has no password (the API token)")
+        return token
+
+    def get_conn(self) -> CutMeShortClient:
+        settings = self.settings
+        return CutMeShortClient(self.base_url, self._token(), settings.timeout_seconds, settings.allow_insecure_http)
+
+    def rate_bucket(self) -> str:
+        return bucket_name(self.base_url, self._token())
