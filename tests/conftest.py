@@ -1,0 +1,78 @@
+"""Shared fixtures. Airflow is configured here, before anything imports it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path(tempfile.mkdtemp(prefix="lead-sync-airflow-"))
+AIRFLOW_ENV = {
+    "AIRFLOW_HOME": str(_HOME),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME / 'airflow.db'}",
+}
+os.environ.update(AIRFLOW_ENV)
+os.environ.pop("LEAD_SYNC_SOURCES", None)
+
+import pytest  # noqa: E402
+from sqlalchemy import create_engine  # noqa: E402
+
+from cutmeshort_sandbox import SandboxServer  # noqa: E402
+
+from support import TOKEN, Warehouse, drop_pg_database, new_pg_database, pg_url  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database (once per session)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["airflow", "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    return _HOME
+
+
+def _sqlite_warehouse(tmp_path: Path) -> Warehouse:
+    path = tmp_path / "warehouse.db"
+    url = create_engine(f"sqlite:///{path}").url
+    return Warehouse("sqlite", url, create_engine(url))
+
+
+@pytest.fixture
+def pg_warehouse():
+    name = new_pg_database()
+    engine = create_engine(pg_url(name))
+    yield Warehouse("postgres", pg_url(name), engine)
+    engine.dispose()
+    drop_pg_database(name)
+
+
+@pytest.fixture
+def sqlite_warehouse(tmp_path):
+    wh = _sqlite_warehouse(tmp_path)
+    yield wh
+    wh.engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def warehouse(request, tmp_path):
+    """Each test using it runs against SQLite and against real PostgreSQL."""
+    if request.param == "sqlite":
+        wh = _sqlite_warehouse(tmp_path)
+        yield wh
+        wh.engine.dispose()
+        return
+    name = new_pg_database()
+    engine = create_engine(pg_url(name))
+    yield Warehouse("postgres", pg_url(name), engine)
+    engine.dispose()
+    drop_pg_database(name)
+
+
+@pytest.fixture
+def sandbox():
+    with SandboxServer(host="127.0.0.1", port=0, token=TOKEN, rate_limit_per_minute=60) as server:
+        yield server

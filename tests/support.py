@@ -1,0 +1,126 @@
+"""Test support: warehouses (real PostgreSQL and SQLite), source tables, audit reads."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import (
+    Boolean, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, insert, select, text,
+)
+from sqlalchemy.engine import URL, Engine
+
+from lead_sync.audit import attempts, deliveries, sync_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-7f3a9c"
+
+source_metadata = MetaData()
+signups = Table(
+    "signups", source_metadata,
+    Column("customer_external_id", Integer),
+    Column("click_id", Text),
+    Column("customer_name", Text),
+    Column("customer_email", Text),
+    Column("customer_avatar", Text),
+    Column("signed_up_at", DateTime(timezone=False)),  # naive: UTC by contract
+    Column("requires_verification", Boolean),
+)
+verifications = Table(
+    "verifications", source_metadata,
+    Column("customer_external_id", String(64)),  # a different type from signups on purpose
+    Column("event_name", Text),
+    Column("verified_at", DateTime(timezone=True)),
+)
+demo_bookings = Table(
+    "demo_bookings", source_metadata,
+    Column("customer_external_id", Integer),
+    Column("click_id", Text),
+    Column("customer_name", Text),
+    Column("customer_email", Text),
+    Column("booked_at", DateTime(timezone=False)),
+)
+
+
+def pg_params() -> dict:
+    return {
+        "host": os.environ.get("PGHOST", "127.0.0.1"),
+        "port": int(os.environ.get("PGPORT", "5432")),
+        "username": os.environ.get("PGUSER", "postgres"),
+        "password": os.environ.get("PGPASSWORD") or None,
+    }
+
+
+def pg_url(database: str) -> URL:
+    return URL.create("postgresql+psycopg2", database=database, **pg_params())
+
+
+@dataclass
+class Warehouse:
+    kind: str  # "sqlite" | "postgres"
+    url: URL
+    engine: Engine
+
+    @property
+    def airflow_conn(self) -> str:
+        """The warehouse as an AIRFLOW_CONN_* JSON value."""
+        if self.kind == "sqlite":
+            return json.dumps({"conn_type": "sqlite", "host": self.url.database})
+        p = pg_params()
+        return json.dumps({"conn_type": "postgres", "host": p["host"], "port": p["port"], "login": p["username"],
+                           "password": p["password"], "schema": self.url.database})
+
+    def create_sources(self) -> None:
+        source_metadata.create_all(self.engine)
+
+    def add(self, table: Table, *rows: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(table), list(rows))
+
+    def execute(self, sql: str, **params) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(text(sql), params)
+
+    def deliveries(self) -> dict[str, dict]:
+        """Audit rows by (customer_external_id, event_name), or by key when unnamed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(deliveries)).mappings().all()
+        return {(r["customer_external_id"], r["event_name"]) if r["event_name"] else r["event_key"]: dict(r)
+                for r in rows}
+
+    def attempts(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(attempts).order_by(attempts.c.id)).mappings()]
+
+    def runs(self) -> list[dict]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(sync_runs)).mappings()]
+
+    def status_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.deliveries().values():
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        return counts
+
+
+def new_pg_database() -> str:
+    name = f"lead_sync_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_url(os.environ.get("PGDATABASE", "postgres")), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    admin = create_engine(pg_url(os.environ.get("PGDATABASE", "postgres")), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+def cutmeshort_conn(url: str, token: str = TOKEN, **extra) -> str:
+    return json.dumps({"conn_type": "http", "host": url, "password": token, "extra": extra})
