@@ -44,7 +44,7 @@ def _sqlite_warehouse(tmp_path: Path) -> Warehouse:
 @pytest.fixture
 def pg_warehouse():
     name = new_pg_database()
-    engine = create_engine(pg_url(name))
+    engine = create_engine(pg_url(name), pool_pre_ping=True)
     yield Warehouse("postgres", pg_url(name), engine)
     engine.dispose()
     drop_pg_database(name)
@@ -66,7 +66,7 @@ def warehouse(request, tmp_path):
         wh.engine.dispose()
         return
     name = new_pg_database()
-    engine = create_engine(pg_url(name))
+    engine = create_engine(pg_url(name), pool_pre_ping=True)
     yield Warehouse("postgres", pg_url(name), engine)
     engine.dispose()
     drop_pg_database(name)

@@ -1,30 +1,11 @@
 """Contract section 2: `airflow dags test` with only the named environment (no PYTHONPATH, pools, variables)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from support import ROOT, TOKEN, cutmeshort_conn
+from dagrun import airflow_cli
+from support import TOKEN
 from test_dag_e2e import seed_basic
-
-
-def airflow_cli(home: Path, warehouse, api_url: str, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess:
-    env = {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin",
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": warehouse.airflow_conn,
-        "AIRFLOW_CONN_CUTMESHORT_DEFAULT": cutmeshort_conn(api_url, token),
-    }
-    return subprocess.run(["airflow", "dags", "test", "lead_events_sync", *args], env=env, cwd="/",
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.postgres

@@ -12,7 +12,7 @@ from lead_sync.delivery import CredentialsRefused
 from lead_sync.partition import Partition, resolve_partition
 from lead_sync.ratelimit import SharedRateLimiter
 
-from .hooks import CutMeShortHook, warehouse_engine
+from lead_sync_airflow.hooks import CutMeShortHook, warehouse_engine
 
 
 def partition_of(context: Any, zone) -> Partition:
