@@ -72,7 +72,20 @@ def warehouse(request, tmp_path):
     drop_pg_database(name)
 
 
+def assert_vendor_schema(bodies: list) -> None:
+    """Contract check: every body sent validates against the vendor SDK's own model, nulls omitted."""
+    from cutmeshort.models.lead_payload import LeadPayload
+
+    for body in bodies:
+        assert isinstance(body, dict), body
+        assert None not in body.values(), body
+        model = LeadPayload.model_validate(body)
+        assert model.to_dict().keys() == body.keys(), body  # no field the vendor does not know
+
+
 @pytest.fixture
 def sandbox():
+    """The API sandbox; afterwards, every body the pipeline sent is checked against the vendor's model."""
     with SandboxServer(host="127.0.0.1", port=0, token=TOKEN, rate_limit_per_minute=60) as server:
         yield server
+        assert_vendor_schema([r["body"] for r in server.requests() if r["authorized"]])

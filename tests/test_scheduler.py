@@ -1,0 +1,114 @@
+"""Under a real scheduler (LocalExecutor): `airflow backfill create` and `airflow tasks clear` send nothing twice."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from datetime import datetime
+
+import pytest
+
+from dagrun import airflow_cli_env
+from lead_sync.audit import ensure_schema
+from support import signups, verifications
+from test_faults_e2e import lead_counts, seed_day
+
+pytestmark = pytest.mark.postgres
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _finished_runs(warehouse) -> list[dict]:
+    # Unpausing also starts the latest scheduled run (today's yesterday); only backfill runs count here.
+    return [r for r in warehouse.runs() if r["finished_at"] is not None and r["run_id"].startswith("backfill__")]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox):
+    total = sum(seed_day(pg_warehouse, f"2026-11-{d}", 3, first_id=d * 100) for d in (24, 25, 26))
+    # A deferred signup late on the 24th verified early on the 25th: event 2 lives in a later partition.
+    pg_warehouse.add(signups, dict(customer_external_id=2499, click_id="late", customer_name=None,
+                                   customer_email=None, customer_avatar=None,
+                                   signed_up_at=datetime(2026, 11, 24, 23, 50), requires_verification=True))
+    pg_warehouse.add(verifications, dict(customer_external_id="2499", event_name="email_verified",
+                                         verified_at=datetime.fromisoformat("2026-11-25T00:05:00+00:00")))
+    total += 2
+    ensure_schema(pg_warehouse.engine)  # so that the test can watch lead_event_sync_runs from the start
+
+    port = _free_port()
+    env = airflow_cli_env(tmp_path / "airflow", pg_warehouse, sandbox.url)
+    env.update({
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+    })
+
+    def cli(*args: str, may_fail: bool = False) -> str | None:
+        done = subprocess.run(["airflow", *args], env=env, capture_output=True, text=True, timeout=180)
+        if may_fail and done.returncode != 0:
+            return None
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    cli("db", "migrate")
+    cli("pools", "set", "cutmeshort_api", "1", "CutMeShort API sends")
+    logs = open(tmp_path / "services.log", "wb")
+    services = [
+        subprocess.Popen(["airflow", *cmd], env=env, stdout=logs, stderr=logs, start_new_session=True)
+        for cmd in (["api-server", "--host", "127.0.0.1", "--port", str(port)], ["scheduler"], ["dag-processor"])
+    ]
+    try:
+        _wait(lambda: "lead_events_sync" in cli("dags", "list", "-o", "plain"), 120, "the DAG to be parsed")
+        cli("dags", "unpause", "lead_events_sync")  # the scheduler runs no task of a paused DAG
+        # Latest day first: the verification on the 25th is seen before its signup on the 24th.
+        cli("backfill", "create", "--dag-id", "lead_events_sync", "--from-date", "2026-11-24",
+            "--to-date", "2026-11-26", "--run-backwards")
+        _wait(lambda: len(_finished_runs(pg_warehouse)) == 3, 240, "three backfill runs")
+        runs = {r["partition_date"].isoformat(): r for r in _finished_runs(pg_warehouse)}
+        assert sorted(runs) == ["2026-11-24", "2026-11-25", "2026-11-26"]
+        assert all(r["run_id"].startswith("backfill__") and r["outcome"] == "success" for r in runs.values())
+        counts = lead_counts(sandbox)
+        assert len(counts) == total and set(counts.values()) == {1}
+        order = [(l["customerExternalId"], l["eventName"]) for l in sandbox.leads()]
+        assert order.index(("2499", "signup_started")) < order.index(("2499", "email_verified"))
+        sent = len(sandbox.requests())
+
+        # The whole range again, then one day cleared in place: nothing is sent twice.
+        # One backfill per DAG at a time: the scheduler closes the first one shortly after its last run.
+        _wait(lambda: cli("backfill", "create", "--dag-id", "lead_events_sync", "--from-date", "2026-11-24",
+                          "--to-date", "2026-11-26", "--reprocess-behavior", "completed", may_fail=True) is not None,
+              120, "the first backfill to close")
+        _wait(lambda: len(_finished_runs(pg_warehouse)) == 3 and all(
+            r["started_at"] > runs[r["partition_date"].isoformat()]["finished_at"] for r in _finished_runs(pg_warehouse)
+        ), 240, "the reprocessed backfill runs")
+        before = {r["run_id"]: r["finished_at"] for r in _finished_runs(pg_warehouse)}
+        cli("tasks", "clear", "lead_events_sync", "-s", "2026-11-25", "-e", "2026-11-25", "-y")
+        _wait(lambda: any(r["finished_at"] > before[r["run_id"]] for r in _finished_runs(pg_warehouse)),
+              240, "the cleared run")
+        assert len(sandbox.requests()) == sent
+        assert pg_warehouse.status_counts() == {"delivered": total}
+    finally:
+        for proc in services:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in services:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        logs.close()
