@@ -35,12 +35,6 @@ def airflow_db() -> Path:
     return _HOME
 
 
-def _sqlite_warehouse(tmp_path: Path) -> Warehouse:
-    path = tmp_path / "warehouse.db"
-    url = create_engine(f"sqlite:///{path}").url
-    return Warehouse("sqlite", url, create_engine(url))
-
-
 @pytest.fixture
 def pg_warehouse():
     name = new_pg_database()
@@ -52,24 +46,15 @@ def pg_warehouse():
 
 @pytest.fixture
 def sqlite_warehouse(tmp_path):
-    wh = _sqlite_warehouse(tmp_path)
-    yield wh
-    wh.engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def warehouse(request, tmp_path):
-    """Each test using it runs against SQLite and against real PostgreSQL."""
-    if request.param == "sqlite":
-        wh = _sqlite_warehouse(tmp_path)
-        yield wh
-        wh.engine.dispose()
-        return
-    name = new_pg_database()
-    engine = create_engine(pg_url(name), pool_pre_ping=True)
-    yield Warehouse("postgres", pg_url(name), engine)
+    engine = create_engine(f"sqlite:///{tmp_path / 'warehouse.db'}")
+    yield Warehouse("sqlite", engine.url, engine)
     engine.dispose()
-    drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", "pg"], ids=["sqlite", "postgres"])
+def warehouse(request):
+    """Each test using it runs against SQLite and against real PostgreSQL."""
+    return request.getfixturevalue(f"{request.param}_warehouse")
 
 
 def assert_vendor_schema(bodies: list) -> None:
