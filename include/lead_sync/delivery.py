@@ -13,7 +13,7 @@ from . import state
 from .client import ApiResponse, CutMeShortClient
 from .events import DELIVERED, FAILED, REJECTED
 from .ratelimit import SharedRateLimiter
-from .retry import CREDENTIALS, RETRY, RetryPolicy, classify, describe, retrying
+from .retry import CREDENTIALS, RETRY, UNKNOWN, RetryPolicy, classify, describe, retrying
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ def decide(response: ApiResponse, attempt_in_run: int, max_attempts: int) -> sta
     if attempt_in_run >= max_attempts:
         return state.Outcome(FAILED, status=FAILED, reason=f"gave up after {attempt_in_run} attempts this run: {text}",
                              **base)
-    return state.Outcome(RETRY, status=None, reason=f"retrying: {text}", **base)
+    # Without an answer the API may or may not have the event: the audit says so, and a
+    # later 409 for the same event shows it had.
+    label = UNKNOWN if response.http_status is None else RETRY
+    return state.Outcome(label, status=None, reason=f"retrying: {text}", **base)
 
 
 class _OutOfTime(Exception):
@@ -121,7 +124,10 @@ class Sender:
                 raise _OutOfTime
             number = state.claim(self.engine, key, self.run_id, self.lease_seconds)
             if number is None:
-                return None  # another sender took it, or it closed meanwhile
+                # Another sender took it, or it closed meanwhile: no request, so the slot goes back
+                # (senders working the same backlog would otherwise waste the shared budget).
+                self.limiter.release()
+                return None
             tries["n"] += 1
             sent_at = state.utcnow()
             response = self.client.track_lead(payload)
@@ -138,7 +144,7 @@ class Sender:
 
         policy = retrying(
             self.policy, self.seconds_left(),
-            should_retry=lambda o: o is not None and o.outcome == RETRY,
+            should_retry=lambda o: o is not None and o.status is None,
             retry_after=lambda o: o.retry_after if o is not None else None,
             sleep=self.sleep,
         )
@@ -155,5 +161,5 @@ class Sender:
             self.report.rejected += 1
         elif outcome.status == FAILED:
             self.report.failed += 1
-        elif outcome.outcome == RETRY:
+        else:
             self.report.budget_exhausted = True  # stopped retrying for lack of time: stays open

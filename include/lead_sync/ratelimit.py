@@ -9,6 +9,7 @@ last free slot.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from typing import Callable
 
@@ -16,14 +17,20 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from .audit import rate_buckets, rate_slots
+from .audit import ensure_schema, rate_buckets, rate_slots
 
 WINDOW_SECONDS = 60.0
 
 
 def bucket_name(base_url: str, token: str) -> str:
-    """The API counts per token: one bucket per (endpoint, token), named by a digest."""
-    return hashlib.sha256(f"{base_url}\x1f{token}".encode()).hexdigest()[:32]
+    """The API counts per token: one bucket per (endpoint, token), named by a digest.
+
+    Spellings of one endpoint (case, trailing slash, surrounding blanks) and of one token
+    (surrounding blanks, which the client trims) share a bucket: splitting it would let
+    each spelling spend the full limit.
+    """
+    endpoint = base_url.strip().rstrip("/").lower()
+    return hashlib.sha256(f"{endpoint}\x1f{token.strip()}".encode()).hexdigest()[:32]
 
 
 class SharedRateLimiter:
@@ -38,10 +45,15 @@ class SharedRateLimiter:
         self.window = WINDOW_SECONDS + margin_seconds
         self.clock = clock
         self.sleep = sleep
+        self._last = threading.local()  # id of the slot granted last, per thread
         if per_minute:
             self._ensure_bucket()
 
     def _ensure_bucket(self) -> None:
+        ensure_schema(self.engine)  # a send may come before anything else created the tables
+        self._create_bucket()
+
+    def _create_bucket(self) -> None:
         with self.engine.connect() as conn:
             if conn.execute(select(rate_buckets.c.bucket).where(rate_buckets.c.bucket == self.bucket)).first():
                 return
@@ -55,17 +67,34 @@ class SharedRateLimiter:
         """Take a slot if one is free: returns 0.0, else the seconds until one frees."""
         if not self.per_minute:
             return 0.0
+        self._last.slot = None
+        wait = self._try_acquire_locked()
+        if wait is None:
+            # The bucket row is gone, and without it nothing serialises the senders.
+            self._create_bucket()
+            wait = self._try_acquire_locked()
+            if wait is None:
+                raise RuntimeError(f"rate-limit bucket {self.bucket} cannot be created")
+        return wait
+
+    def _try_acquire_locked(self) -> float | None:
         with self.engine.begin() as conn:
-            now = self.clock()
             # The first statement writes the bucket row: it serialises competing senders.
-            conn.execute(update(rate_buckets).where(rate_buckets.c.bucket == self.bucket).values(touched_at=now))
+            locked = conn.execute(
+                update(rate_buckets).where(rate_buckets.c.bucket == self.bucket).values(touched_at=self.clock())
+            ).rowcount
+            if locked != 1:
+                return None
+            # Read the clock once the lock is held: a grant is never stamped before it is made.
+            now = self.clock()
             conn.execute(delete(rate_slots).where(rate_slots.c.bucket == self.bucket,
                                                   rate_slots.c.granted_at <= now - self.window))
             used, oldest = conn.execute(
                 select(func.count(), func.min(rate_slots.c.granted_at)).where(rate_slots.c.bucket == self.bucket)
             ).one()
             if used < self.per_minute:
-                conn.execute(insert(rate_slots).values(bucket=self.bucket, granted_at=now))
+                slot = conn.execute(insert(rate_slots).values(bucket=self.bucket, granted_at=now))
+                self._last.slot = slot.inserted_primary_key[0]
                 return 0.0
             return max(oldest + self.window - now, 0.01)
 
@@ -78,3 +107,11 @@ class SharedRateLimiter:
             if deadline is not None and self.clock() + wait > deadline:
                 return False
             self.sleep(wait)
+
+    def release(self) -> None:
+        """Give back the slot granted last, when no request was sent with it (the event was taken meanwhile)."""
+        slot, self._last.slot = getattr(self._last, "slot", None), None
+        if slot is None:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(delete(rate_slots).where(rate_slots.c.id == slot))

@@ -22,6 +22,7 @@ DELIVERED = "delivered"
 REJECTED = "rejected"
 CREDENTIALS = "credentials"
 RETRY = "retry"
+UNKNOWN = "unknown"  # no answer (timeout, reset, sender died): the API may have the event
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .events import (
     LeadEvent,
 )
 from .mapping import payload_digest, redact
+from .retry import UNKNOWN
 
 CHUNK = 500
 RESPONSE_CHARS = 1000
@@ -357,7 +358,7 @@ def recover_abandoned(engine: Engine, run_id: str) -> int:
                 insert(attempts).values(
                     event_key=row["event_key"], attempt=row["attempts"], run_id=row["inflight_run_id"],
                     sent_at=as_utc(row["last_attempt_at"]) or now, http_status=None, latency_ms=None,
-                    outcome="unknown",
+                    outcome=UNKNOWN,
                     error=f"outcome unknown: the sender stopped with this request in flight; "
                           f"found by run {run_id}, the event is sent again",
                 )

@@ -1,0 +1,422 @@
+"""CutMeShortClient and the retry classification, against the sandbox as a real loopback HTTP server."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lead_sync.client import ApiResponse, CutMeShortClient, InsecureEndpointError, check_base_url, parse_retry_after
+from lead_sync.retry import CREDENTIALS, DELIVERED, REJECTED, RETRY, classify, describe
+
+from support import TOKEN
+
+LEAD = {"eventName": "signup_started", "customerExternalId": "42", "clickId": "click-42",
+        "timestamp": "2026-11-27T08:00:00Z"}
+
+
+def lead(n: int) -> dict:
+    return {**LEAD, "customerExternalId": str(n), "clickId": f"click-{n}"}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EchoServer:
+    """A minimal loopback server that records what it receives and answers as told.
+
+    Used where the sandbox cannot show a header it received or send an arbitrary answer
+    (an echoed token, an HTTP-date Retry-After, a redirect).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.status = 200
+        self.headers: dict[str, str] = {}
+        self.body = '{"success": true}'
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                auth = self.headers.get("Authorization") or ""
+                outer.received.append({"path": self.path, "authorization": auth,
+                                       "authorizations": self.headers.get_all("Authorization") or [],
+                                       "body": raw.decode()})
+                payload = outer.body.replace("{authorization}", auth).encode()
+                self.send_response(outer.status)
+                for name, value in outer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def __enter__(self) -> "EchoServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def echo():
+    with EchoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def client(sandbox):
+    with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2.0) as c:
+        yield c
+
+
+def no_token(*texts) -> None:
+    for text in texts:
+        assert TOKEN not in str(text)
+
+
+# --- authentication -------------------------------------------------------------------
+
+def test_bearer_token_is_sent_and_accepted(client, sandbox):
+    response = client.track_lead(LEAD)
+    assert response.http_status == 200 and response.error is None
+    assert json.loads(response.body)["success"] is True
+    (received,) = sandbox.requests()
+    assert received["authorized"] is True and received["status"] == 200
+    assert received["body"] == LEAD
+    assert sandbox.leads()[0]["customerExternalId"] == "42"
+
+
+def test_exact_authorization_header_is_bearer_never_basic(echo):
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        assert c.track_lead(LEAD).http_status == 200
+    (received,) = echo.received
+    assert received["path"] == "/track/lead"
+    assert received["authorizations"] == [f"Bearer {TOKEN}"]
+    assert json.loads(received["body"]) == LEAD
+
+
+def test_netrc_entry_does_not_replace_the_bearer_token(sandbox, tmp_path, monkeypatch):
+    # requests would otherwise send basic auth from a netrc entry for the API host.
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1\nlogin someone\npassword from-netrc\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    with CutMeShortClient(sandbox.url, TOKEN) as c:
+        assert c.track_lead(LEAD).http_status == 200
+    assert [r["authorized"] for r in sandbox.requests()] == [True]
+
+
+def test_wrong_token_gets_401_without_quoting_any_token(sandbox):
+    with CutMeShortClient(sandbox.url, "not-the-right-token") as c:
+        response = c.track_lead(LEAD)
+    assert response.http_status == 401
+    assert classify(response) == CREDENTIALS
+    assert "not-the-right-token" not in describe(response)
+    assert sandbox.leads() == []
+
+
+def test_token_surrounding_whitespace_is_trimmed(sandbox):
+    with CutMeShortClient(sandbox.url, f"  {TOKEN}\n") as c:
+        assert c.track_lead(LEAD).http_status == 200
+
+
+@pytest.mark.parametrize("token", ["", "   ", None])
+def test_empty_token_is_refused(sandbox, token):
+    with pytest.raises(ValueError, match="empty"):
+        CutMeShortClient(sandbox.url, token)
+
+
+@pytest.mark.parametrize("token", [f"{TOKEN}\nX-Other: 1", f"abc {TOKEN}", f"{TOKEN}\x00", f"{TOKEN}\u2019"])
+def test_malformed_token_is_refused_without_quoting_it(sandbox, token):
+    # Before: a header-invalid token came back as an InvalidHeader error quoting the header value.
+    with pytest.raises(ValueError) as caught:
+        CutMeShortClient(sandbox.url, token)
+    no_token(caught.value, repr(caught.value))
+    assert "password" in str(caught.value)
+    assert sandbox.requests() == []
+
+
+# --- the token stays out of everything readable -----------------------------------------
+
+def test_token_not_in_repr(client):
+    no_token(repr(client), str(client), repr(client._session.auth))
+    assert client.base_url in repr(client)
+
+
+def test_token_not_in_network_errors(sandbox):
+    with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=0.3) as c:
+        sandbox.set_faults({"slow_rate": 1.0, "slow_ms": 1500})
+        timeout = c.track_lead(LEAD)
+        sandbox.set_faults({"slow_rate": 0.0, "reset_rate": 1.0})
+        reset = c.track_lead(LEAD)
+    with CutMeShortClient(f"http://127.0.0.1:{closed_port()}", TOKEN, timeout_seconds=0.5) as c:
+        refused = c.track_lead(LEAD)
+    for response in (timeout, reset, refused):
+        assert response.http_status is None and response.error
+        no_token(response.error, describe(response))
+
+
+def test_token_echoed_by_a_server_is_scrubbed(echo):
+    echo.status = 401
+    echo.body = '{"success": false, "error": "token {authorization} is revoked"}'
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        response = c.track_lead(LEAD)
+    assert echo.received[0]["authorization"] == f"Bearer {TOKEN}"  # it did travel, and came back
+    assert response.http_status == 401
+    no_token(response.body, describe(response))
+    assert "[token]" in describe(response)
+
+
+def test_email_and_name_quoted_in_an_answer_are_scrubbed(echo):
+    # The audit keeps the answer (and describe() of it): a server quoting the body must not put PII there.
+    echo.status = 422
+    echo.body = ('{"success": false, "error": "customerEmail zoe.q@example.com rejected for Zo\\u00eb Quint",'
+                 ' "details": {"customerName": "Zo\\u00eb Quint", "raw": "zoe.q@example.com"}}')
+    body = {**LEAD, "customerEmail": "zoe.q@example.com", "customerName": "Zo\u00eb Quint"}
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        response = c.track_lead(body)
+    assert json.loads(echo.received[0]["body"])["customerEmail"] == "zoe.q@example.com"  # sent as is
+    text = describe(response)
+    for shown in (response.body, text):
+        assert "zoe.q@example.com" not in shown and "Zo\\u00eb Quint" not in shown and "Zo\u00eb" not in shown
+    assert text.startswith("HTTP 422: customerEmail [customerEmail] rejected for [customerName]")
+
+
+# --- connection handling ----------------------------------------------------------------
+
+def test_pooled_session_reuses_one_connection(client, sandbox):
+    for n in range(20):
+        assert client.track_lead(lead(n)).http_status == 200
+    assert sandbox.stats()["requests"] == 20 and sandbox.stats()["leads"] == 20
+    manager = client._session.get_adapter(client.base_url).poolmanager
+    pools = [manager.pools[key] for key in manager.pools.keys()]
+    assert sum(p.num_requests for p in pools) == 20
+    assert sum(p.num_connections for p in pools) == 1  # sockets the client opened: one for twenty requests
+    server_side = getattr(getattr(sandbox, "_httpd", None), "open_connections", None)
+    if server_side is not None:
+        assert len(server_side) == 1
+
+
+def test_timeout_returns_no_status_quickly(sandbox):
+    sandbox.set_faults({"slow_rate": 1.0, "slow_ms": 2000})
+    with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=0.3) as c:
+        started = time.monotonic()
+        response = c.track_lead(LEAD)
+        elapsed = time.monotonic() - started
+    assert response.http_status is None and response.body is None
+    assert "Timeout" in response.error
+    assert elapsed < 1.0 and 250 <= response.latency_ms < 1000
+    assert classify(response) == RETRY
+    assert describe(response).startswith("no response (ReadTimeout")
+    assert sandbox.stats()["requests"] == 1  # no retry inside the client
+
+
+def test_connection_reset_returns_no_status_and_is_not_retried_by_the_client(client, sandbox):
+    sandbox.set_faults({"reset_rate": 1.0})
+    started = time.monotonic()
+    response = client.track_lead(LEAD)
+    assert time.monotonic() - started < 1.0
+    assert response.http_status is None and response.error.startswith("ConnectionError")
+    assert classify(response) == RETRY
+    stats = sandbox.stats()
+    assert (stats["requests"], stats["resets"], stats["leads"]) == (1, 1, 0)
+    # The pool recovers: the next request opens a fresh connection and succeeds.
+    sandbox.set_faults({"reset_rate": 0.0})
+    assert client.track_lead(LEAD).http_status == 200
+    assert sandbox.stats()["requests"] == 2
+
+
+def test_connection_refused_returns_no_status_quickly():
+    with CutMeShortClient(f"http://127.0.0.1:{closed_port()}", TOKEN, timeout_seconds=0.5) as c:
+        started = time.monotonic()
+        response = c.track_lead(LEAD)
+    assert time.monotonic() - started < 1.0
+    assert response.http_status is None and response.error.startswith("ConnectionError")
+    assert classify(response) == RETRY
+
+
+def test_proxy_from_environment_is_not_used_for_loopback(sandbox, monkeypatch):
+    # Before: HTTP_PROXY sent the request, bearer token included, to the proxy in clear text.
+    dead_proxy = f"http://127.0.0.1:{closed_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2.0) as c:
+        assert c.track_lead(LEAD).http_status == 200
+    assert sandbox.stats()["requests"] == 1
+
+
+def test_redirects_are_not_followed(echo):
+    echo.status = 307
+    echo.headers = {"Location": echo.url + "/elsewhere"}
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        response = c.track_lead(LEAD)
+    assert response.http_status == 307
+    assert [r["path"] for r in echo.received] == ["/track/lead"]
+    assert classify(response) == RETRY
+
+
+# --- Retry-After ------------------------------------------------------------------------
+
+def test_retry_after_seconds_from_the_sandbox(client, sandbox):
+    sandbox.set_faults({"burst_429": {"count": 2, "retry_after": 7}})
+    first = client.track_lead(LEAD)
+    assert (first.http_status, first.retry_after) == (429, 7.0)
+    assert classify(first) == RETRY
+    sandbox.set_faults({"burst_429": {"count": 1, "retry_after": None}})
+    second = client.track_lead(LEAD)
+    assert (second.http_status, second.retry_after) == (429, None)
+    ok = client.track_lead(LEAD)
+    assert (ok.http_status, ok.retry_after) == (200, None)
+
+
+def test_retry_after_http_date_over_http(echo):
+    echo.status = 503
+    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    echo.headers = {"Retry-After": format_datetime(when, usegmt=True)}
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        response = c.track_lead(LEAD)
+    assert response.http_status == 503
+    assert 28.0 <= response.retry_after <= 30.0
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("5", 5.0), (" 2 ", 2.0), ("1.5", 1.5), ("0", 0.0), ("-3", 0.0),
+    (None, None), ("", None), ("soon", None), ("inf", None), ("nan", None), ("1e999", None),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past: no wait
+])
+def test_parse_retry_after(value, expected):
+    assert parse_retry_after(value) == expected
+
+
+def test_parse_retry_after_future_http_date():
+    when = datetime.now(timezone.utc) + timedelta(seconds=90)
+    assert 88.0 <= parse_retry_after(format_datetime(when, usegmt=True)) <= 90.0
+
+
+# --- check_base_url ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("url,expected", [
+    ("https://api.cme.sh", "https://api.cme.sh"),
+    ("https://api.cme.sh/", "https://api.cme.sh"),
+    (" https://api.example.com:8443/base/ ", "https://api.example.com:8443/base"),
+    ("https://10.1.2.3", "https://10.1.2.3"),
+    ("http://127.0.0.1:8765", "http://127.0.0.1:8765"),
+    ("http://127.0.0.1", "http://127.0.0.1"),
+    ("http://[::1]:8765/", "http://[::1]:8765"),
+    ("http://localhost:8765", "http://localhost:8765"),
+    ("http://LOCALHOST", "http://LOCALHOST"),
+])
+def test_check_base_url_accepts_https_anywhere_and_http_on_loopback(url, expected):
+    assert check_base_url(url) == expected
+
+
+@pytest.mark.parametrize("url", [
+    "http://api.cme.sh",
+    "http://10.0.0.5:8765",
+    "http://0.0.0.0:8765",
+    "http://localhost.example.com",
+    "http://127.0.0.1.nip.io",
+    "http://[::ffff:7f00:1]",
+    "http://[2001:db8::1]",
+])
+def test_check_base_url_refuses_clear_text_to_other_hosts(url):
+    with pytest.raises(InsecureEndpointError, match="clear text"):
+        check_base_url(url)
+    assert check_base_url(url, allow_insecure_http=True) == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", [
+    # Before: urlsplit saw 'localhost' and allowed http, while urllib3 connects to evil.example.
+    "http://evil.example\\@localhost/",
+    "http://user:secret@127.0.0.1:8765",  # would turn into basic auth
+    "https://tok@api.cme.sh",
+])
+def test_check_base_url_refuses_user_info_and_ambiguous_hosts(url):
+    with pytest.raises(InsecureEndpointError) as caught:
+        check_base_url(url, allow_insecure_http=True)
+    assert "secret" not in str(caught.value) and "tok@" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["api.cme.sh", "ftp://api.cme.sh", "https://", "", "https://api.cme.sh/?x=1",
+                                 "https://api.cme.sh/#frag"])
+def test_check_base_url_refuses_non_urls(url):
+    with pytest.raises(InsecureEndpointError):
+        check_base_url(url)
+
+
+def test_client_refuses_clear_text_to_a_remote_host_before_sending():
+    with pytest.raises(InsecureEndpointError, match="clear text"):
+        CutMeShortClient("http://api.cme.sh", TOKEN)
+    with CutMeShortClient("http://api.cme.sh", TOKEN, allow_insecure_http=True) as c:
+        assert c.base_url == "http://api.cme.sh"
+
+
+# --- retry.classify and describe ------------------------------------------------------------
+
+def answer(status, body=None, error=None):
+    return ApiResponse(status, body, 5, None, error)
+
+
+@pytest.mark.parametrize("status,kind", [
+    (200, DELIVERED), (201, DELIVERED), (202, DELIVERED), (204, DELIVERED), (409, DELIVERED),
+    (400, REJECTED), (404, REJECTED), (422, REJECTED), (405, REJECTED), (410, REJECTED), (413, REJECTED),
+    (401, CREDENTIALS), (403, CREDENTIALS),
+    (408, RETRY), (429, RETRY), (500, RETRY), (502, RETRY), (503, RETRY), (504, RETRY), (599, RETRY),
+    (301, RETRY), (307, RETRY), (None, RETRY),
+])
+def test_classify_every_status_family(status, kind):
+    assert classify(answer(status, error=None if status else "ReadTimeout: read timed out")) == kind
+
+
+def test_describe_is_short_and_names_the_problem():
+    body = json.dumps({"success": False, "error": "customerEmail: must be an email address",
+                       "type": "validation_error", "statusCode": 422,
+                       "details": {"field": "customerEmail", "reason": "must be an email address"}})
+    text = describe(answer(422, body))
+    assert text.startswith("HTTP 422: customerEmail: must be an email address")
+    assert '"field": "customerEmail"' in text
+    assert describe(answer(200, '{"success": true}')) == "HTTP 200"
+    assert describe(answer(502, "<html>bad   gateway</html>")) == "HTTP 502: <html>bad gateway</html>"
+    assert describe(answer(None, error="ConnectionError: reset")) == "no response (ConnectionError: reset)"
+    assert len(describe(answer(500, "x" * 5000))) <= 320
+
+
+def test_describe_of_real_answers_never_includes_the_token(client, sandbox):
+    seen = []
+    for faults in ({"fail_next": [500]}, {"fail_next": [422]}, {"burst_429": {"count": 1, "retry_after": 1}},
+                   {"revoked": True}, {"revoked": False, "forbidden": True}, {"forbidden": False}):
+        sandbox.set_faults(faults)
+        response = client.track_lead(LEAD)
+        seen.append(response.http_status)
+        no_token(describe(response), response.body, response.error)
+    assert seen == [500, 422, 429, 401, 403, 200]
