@@ -41,6 +41,15 @@ class SourceShapeError(ValueError):
     """A source query did not return the columns its kind needs."""
 
 
+def _preview(value: Any) -> str:
+    """A short, escaped view of a source value for an audit reason."""
+    try:
+        text = str(value)
+    except ValueError:  # e.g. an integer beyond Python's digit limit for str()
+        text = f"<{type(value).__name__} too large to show>"
+    return repr(text[:40])
+
+
 def is_absent(value: Any) -> bool:
     if value is None or value is pd.NA or value is pd.NaT:
         return True
@@ -61,6 +70,28 @@ def check_text(value: str, what: str, max_len: int = MAX_TEXT) -> str:
     return text
 
 
+def _integer_text(number: int, what: str) -> str:
+    # Decide on the length before rendering: str() of a huge integer is slow, or refused
+    # outright beyond Python's digit limit (a NUMERIC column can hold such a value).
+    if abs(number).bit_length() > 4 * MAX_TEXT:
+        raise InvalidValue(f"{what} is longer than {MAX_TEXT} characters")
+    return check_text(str(number), what)
+
+
+def _decimal_text(number: Decimal, what: str) -> str:
+    """A NUMERIC value as plain digits: integral ones without a decimal part, never rounded."""
+    if not number.is_finite():
+        raise InvalidValue(f"{what} is not a finite number")
+    if number.is_zero():
+        return "0"
+    if not -MAX_TEXT <= number.adjusted() < MAX_TEXT:
+        raise InvalidValue(f"{what} is longer than {MAX_TEXT} characters")
+    if number == number.to_integral_value():
+        return _integer_text(int(number), what)
+    # format() keeps every digit (normalize() would round to the context precision).
+    return check_text(format(number, "f").rstrip("0"), what)
+
+
 def id_text(value: Any, what: str) -> str:
     """An identifier as the API must see it: integers without a decimal part, trimmed text."""
     if is_absent(value):
@@ -68,13 +99,15 @@ def id_text(value: Any, what: str) -> str:
     if isinstance(value, (bool, np.bool_)):
         raise InvalidValue(f"{what} is a boolean, not an identifier")
     if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating, Decimal)):
+        return _integer_text(int(value), what)
+    if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
             raise InvalidValue(f"{what} is not a finite number")
         if value == int(value):
-            return str(int(value))
-        return check_text(format(Decimal(str(value)).normalize(), "f"), what)
+            return _integer_text(int(value), what)
+        return _decimal_text(Decimal(str(value)), what)
+    if isinstance(value, Decimal):
+        return _decimal_text(value, what)
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, str):
@@ -108,7 +141,7 @@ def utc_moment(value: Any, what: str) -> datetime:
     except (ValueError, OverflowError) as exc:
         if isinstance(exc, InvalidValue):
             raise
-        raise InvalidValue(f"{what} is not a timestamp: {str(value)[:40]!r}") from exc
+        raise InvalidValue(f"{what} is not a timestamp: {_preview(value)}") from exc
 
 
 def iso_utc(moment: datetime) -> str:
@@ -125,9 +158,11 @@ def as_flag(value: Any) -> bool:
         return bool(value)
     if isinstance(value, (float, np.floating)) and value in (0.0, 1.0):
         return bool(value)
+    if isinstance(value, Decimal) and value.is_finite() and value in (0, 1):  # a NUMERIC flag column
+        return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise InvalidValue(f"requires_verification is not a boolean: {str(value)[:40]!r}")
+    raise InvalidValue(f"requires_verification is not a boolean: {_preview(value)}")
 
 
 def email_or_none(value: Any) -> str | None:
@@ -174,9 +209,16 @@ def event_key(customer_external_id: str, event_name: str) -> str:
     return f"ev_{digest[:40]}"
 
 
+def _keyable(value: Any) -> Any:
+    # json.dumps renders integers in decimal, which Python refuses beyond its digit limit.
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value).bit_length() > 4 * MAX_TEXT:
+        return f"int:{value:x}"
+    return value
+
+
 def row_key(source: str, row: dict) -> str:
     """Key of a row that cannot name its customer or event: its source and contents."""
-    body = json.dumps(row, sort_keys=True, default=repr, ensure_ascii=True)
+    body = json.dumps({k: _keyable(v) for k, v in row.items()}, sort_keys=True, default=repr, ensure_ascii=True)
     digest = hashlib.sha256(f"{source}\x1f{body}".encode()).hexdigest()
     return f"row_{digest[:40]}"
 
@@ -309,12 +351,22 @@ def map_frame(source: SourceConfig, frame: pd.DataFrame, partition: Partition) -
     return events
 
 
+_FAR = datetime.max.replace(tzinfo=timezone.utc)
+
+
+def _rank(event: LeadEvent) -> tuple:
+    # Earliest first. Rows of the same moment are told apart by content, never by the
+    # order the warehouse happened to return them in: a sendable one first, then the
+    # smallest body digest, so that every run keeps the same one.
+    return (event.event_time or _FAR, event.status != PENDING, payload_digest(event.payload) or "",
+            event.reason or "")
+
+
 def first_per_key(events: list[LeadEvent]) -> tuple[list[LeadEvent], int]:
     """One event per key (the earliest); also returns how many repeats were folded in."""
     best: dict[str, LeadEvent] = {}
-    far = datetime.max.replace(tzinfo=timezone.utc)
     for event in events:
         kept = best.get(event.event_key)
-        if kept is None or (event.event_time or far) < (kept.event_time or far):
+        if kept is None or _rank(event) < _rank(kept):
             best[event.event_key] = event
     return list(best.values()), len(events) - len(best)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+PAD_DAYS = 2
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,15 @@ class Partition:
         return datetime.combine(self.day + timedelta(days=1), time(0), self.zone).astimezone(timezone.utc)
 
     def sql_window(self) -> dict[str, str]:
-        """Bounds handed to source SQL: one day wider on each side, as plain ISO dates.
+        """Bounds handed to source SQL: two days wider on each side, as plain ISO dates.
 
         Dates compare correctly against PostgreSQL timestamps and against SQLite text
-        timestamps whatever their separator or offset; the exact cut is made in Python.
+        timestamps whatever their separator; two days cover any pair of real-world offsets
+        (-12:00 to +14:00) between a row and the partition zone. The exact cut is made in Python.
         """
         return {
-            "window_start": (self.day - timedelta(days=1)).isoformat(),
-            "window_end": (self.day + timedelta(days=2)).isoformat(),
+            "window_start": (self.day - timedelta(days=PAD_DAYS)).isoformat(),
+            "window_end": (self.day + timedelta(days=PAD_DAYS + 1)).isoformat(),
         }
 
     def contains(self, moment: datetime) -> bool:

@@ -10,11 +10,16 @@ from .partition import Partition
 
 
 def prepare_engine(engine: Engine) -> Engine:
-    """SQLite: wait for a competing writer instead of failing at once."""
+    """SQLite: wait for a competing writer instead of failing at once, and read any TEXT.
+
+    SQLite stores whatever bytes it is given as TEXT; undecodable bytes come back as lone
+    surrogates, which the mapping refuses per value instead of the whole read failing.
+    """
     if engine.dialect.name == "sqlite" and not getattr(engine, "_lead_sync_prepared", False):
         @event.listens_for(engine, "connect")
-        def _busy_timeout(dbapi_connection, _record):  # pragma: no cover - driver callback
+        def _sqlite_setup(dbapi_connection, _record):  # pragma: no cover - driver callback
             dbapi_connection.execute("PRAGMA busy_timeout = 30000")
+            dbapi_connection.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
 
         engine._lead_sync_prepared = True  # type: ignore[attr-defined]
         engine.dispose()  # connections opened before the listener would lack it
