@@ -7,7 +7,7 @@ import pytest
 from cutmeshort.models.lead_payload import LeadPayload
 
 from dagrun import run_dag
-from support import demo_bookings, signups, verifications
+from support import signups, verifications
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 

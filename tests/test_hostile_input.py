@@ -750,21 +750,21 @@ def test_mapping_never_emits_an_invalid_body(rows, zone):
     for source in (SIGNUP_SOURCE, VERIFICATION_SOURCE):
         events = map_frame(source, frame, part)
         first_per_key(events)
-        for event in events:
-            assert event.partition_date == DAY and len(event.event_key) <= 64
-            for message in [event.reason or "", *event.notes]:
+        for mapped in events:
+            assert mapped.partition_date == DAY and len(mapped.event_key) <= 64
+            for message in [mapped.reason or "", *mapped.notes]:
                 message.encode("utf-8")  # storable: no lone surrogate
                 assert "\x00" not in message  # PostgreSQL text cannot hold NUL
-            if event.status == SKIPPED:
-                assert event.reason and event.payload is None
+            if mapped.status == SKIPPED:
+                assert mapped.reason and mapped.payload is None
                 continue
-            assert event.status == PENDING and event.reason is None
-            body = event.payload
+            assert mapped.status == PENDING and mapped.reason is None
+            body = mapped.payload
             assert validate_lead(body) is None, (body, validate_lead(body))
             LeadPayload.model_validate(body)
             json.dumps(body, ensure_ascii=False).encode("utf-8")
             json.dumps(redact(body), ensure_ascii=False).encode("utf-8")
-            assert body["customerExternalId"] == event.customer_external_id
-            assert body["eventName"] == event.event_name
-            assert part.start <= event.event_time < part.end
-            assert datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00")) == event.event_time
+            assert body["customerExternalId"] == mapped.customer_external_id
+            assert body["eventName"] == mapped.event_name
+            assert part.start <= mapped.event_time < part.end
+            assert datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00")) == mapped.event_time

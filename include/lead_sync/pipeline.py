@@ -5,7 +5,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.engine import Engine
