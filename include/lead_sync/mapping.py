@@ -165,25 +165,29 @@ def as_flag(value: Any) -> bool:
     raise InvalidValue(f"requires_verification is not a boolean: {_preview(value)}")
 
 
-def email_or_none(value: Any) -> str | None:
+def _optional_text(value: Any, field: str, max_len: int = MAX_TEXT) -> str | None:
+    """None when absent; otherwise stripped, printable, bounded text, or InvalidValue."""
     if is_absent(value):
         return None
     if not isinstance(value, str):
-        raise InvalidValue("customerEmail is not text")
-    text = check_text(value, "customerEmail", 320)
-    try:
-        validate_email(text, check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise InvalidValue("customerEmail is not an email address") from exc
+        raise InvalidValue(f"{field} is not text")
+    return check_text(value, field, max_len)
+
+
+def email_or_none(value: Any) -> str | None:
+    text = _optional_text(value, "customerEmail", 320)
+    if text is not None:
+        try:
+            validate_email(text, check_deliverability=False)
+        except EmailNotValidError as exc:
+            raise InvalidValue("customerEmail is not an email address") from exc
     return text
 
 
 def avatar_or_none(value: Any) -> str | None:
-    if is_absent(value):
+    text = _optional_text(value, "customerAvatar", MAX_URL)
+    if text is None:
         return None
-    if not isinstance(value, str):
-        raise InvalidValue("customerAvatar is not text")
-    text = check_text(value, "customerAvatar", MAX_URL)
     try:
         parts = urlsplit(text)
     except ValueError as exc:
@@ -194,13 +198,9 @@ def avatar_or_none(value: Any) -> str | None:
 
 
 def name_or_none(value: Any) -> str | None:
-    if is_absent(value):
-        return None
-    if not isinstance(value, str):
-        raise InvalidValue("customerName is not text")
-    if not value.strip():
-        return None
-    return check_text(value, "customerName")
+    if isinstance(value, str) and not value.strip():
+        return None  # a blank name is no name
+    return _optional_text(value, "customerName")
 
 
 def event_key(customer_external_id: str, event_name: str) -> str:
