@@ -12,7 +12,7 @@ import pytest
 
 from dagrun import airflow_cli_env
 from lead_sync.audit import ensure_schema
-from support import signups, verifications
+from support import drop_pg_database, new_pg_database, pg_url, signups, verifications
 from test_faults_e2e import lead_counts, seed_day
 
 pytestmark = pytest.mark.postgres
@@ -36,7 +36,15 @@ def _wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox):
+@pytest.fixture
+def metadata_db():
+    """Several Airflow processes write the metadata database at once: SQLite would lock up."""
+    name = new_pg_database()
+    yield pg_url(name).render_as_string(hide_password=False)
+    drop_pg_database(name)
+
+
+def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox, metadata_db):
     total = sum(seed_day(pg_warehouse, f"2026-11-{d}", 3, first_id=d * 100) for d in (24, 25, 26))
     # A deferred signup late on the 24th verified early on the 25th: event 2 lives in a later partition.
     pg_warehouse.add(signups, dict(customer_external_id=2499, click_id="late", customer_name=None,
@@ -50,6 +58,7 @@ def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox)
     port = _free_port()
     env = airflow_cli_env(tmp_path / "airflow", pg_warehouse, sandbox.url)
     env.update({
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
         "AIRFLOW__API__HOST": "127.0.0.1",
