@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -268,15 +269,22 @@ def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, 
     assert pg_warehouse.status_counts() == {"delivered": total}
 
 
-def test_concurrent_runs_share_one_rate_limit(airflow_db, pg_warehouse, sandbox):
+def test_concurrent_runs_share_one_rate_limit(airflow_db, pg_warehouse, sandbox, tmp_path):
     seed_day(pg_warehouse, "2026-11-26", 12, first_id=100, deferred_every=0)
     seed_day(pg_warehouse, "2026-11-27", 12, first_id=200, deferred_every=0)
     sandbox.set_faults({"rate_limit_per_minute": None})
+    # Two deployments' worth of senders: each run has its own Airflow home (a copy of the
+    # migrated metadata database), so that only the warehouse and the API are shared.
+    homes = []
+    for name in ("a", "b"):
+        home = tmp_path / name
+        home.mkdir()
+        shutil.copy(airflow_db / "airflow.db", home / "airflow.db")
+        homes.append(home)
     runs = [
-        _start_run(airflow_db, pg_warehouse, sandbox.url, "2026-11-27", "-c",
-                   '{"time_budget_seconds": 12}', rate_limit_per_minute=8),
-        _start_run(airflow_db, pg_warehouse, sandbox.url, "2026-11-28", "-c",
-                   '{"time_budget_seconds": 12}', rate_limit_per_minute=8),
+        _start_run(home, pg_warehouse, sandbox.url, logical_date, "-c", '{"time_budget_seconds": 12}',
+                   rate_limit_per_minute=8)
+        for home, logical_date in zip(homes, ("2026-11-27", "2026-11-28"), strict=True)
     ]
     try:
         for proc in runs:
