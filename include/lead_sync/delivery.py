@@ -117,9 +117,10 @@ class Sender:
         payload = state.outbox_body(self.engine, key)
         if payload is None:
             return
-        tries = {"n": 0}
+        tries = 0  # attempts by this run; max_attempts counts these
 
         def attempt() -> state.Outcome | None:
+            nonlocal tries
             if not self.limiter.acquire(self.deadline):
                 raise _OutOfTime
             number = state.claim(self.engine, key, self.run_id, self.lease_seconds)
@@ -128,11 +129,11 @@ class Sender:
                 # (senders working the same backlog would otherwise waste the shared budget).
                 self.limiter.release()
                 return None
-            tries["n"] += 1
+            tries += 1
             sent_at = state.utcnow()
             response = self.client.track_lead(payload)
             self.report.count(response)
-            outcome = decide(response, tries["n"], self.policy.max_attempts)
+            outcome = decide(response, tries, self.policy.max_attempts)
             state.record(self.engine, key, number, self.run_id, sent_at, outcome)
             if outcome.outcome == CREDENTIALS:
                 raise CredentialsRefused(
