@@ -1,23 +1,30 @@
 """Nightly lead-event sync: warehouse signups and verifications to CutMeShort, with an audit.
 
 One run per day of the partition time zone (UTC by default): the run whose data interval
-is [D, D+1) syncs day D; conf {"partition_date": "YYYY-MM-DD"} names a day explicitly.
+is [D, D+1) syncs day D, re-reads the `lookback_days` days before it for rows loaded late,
+and sends what is open within its time budget; `lead_events_drain` sends whatever it leaves.
+Conf {"partition_date": "YYYY-MM-DD"} names a day explicitly; a run of day D also re-opens
+D's `failed` events: that is how a failed partition is rerun.
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 from airflow.timetables.interval import CronDataIntervalTimetable
 
 from lead_sync.config import load_config
+from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import (
+    CheckOutcomeOperator,
     ExtractLeadEventsOperator,
     LeadEventsSummaryOperator,
     SendLeadEventsOperator,
 )
 
 config = load_config()
+# Reading, mapping and the summary are safe to repeat: a transient warehouse error is retried.
+REPEATABLE = dict(retries=2, retry_delay=timedelta(seconds=30))
 
 
 @dag(
@@ -30,21 +37,21 @@ config = load_config()
         "partition_date": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
                                 description="Day to sync (YYYY-MM-DD); empty = the run's data interval."),
         "time_budget_seconds": Param(3300, type="integer", minimum=1,
-                                     description="Sending stops after this long; the rest stays pending."),
+                                     description="Sending stops after this long; lead_events_drain sends the rest."),
     },
     default_args={"retries": 0},
     tags=["cutmeshort", "leads"],
     doc_md=__doc__,
 )
 def lead_events_sync():
-    extract = ExtractLeadEventsOperator(task_id="extract_and_map")
+    extract = ExtractLeadEventsOperator(task_id="extract_and_map", **REPEATABLE)
     send = SendLeadEventsOperator(
         task_id="send_lead_events",
         pool="cutmeshort_api",
         time_budget_seconds="{{ params.time_budget_seconds }}",
     )
-    summary = LeadEventsSummaryOperator(task_id="audit_summary")
-    extract >> send >> summary
+    summary = LeadEventsSummaryOperator(task_id="audit_summary", outlets=[LEAD_EVENT_DELIVERIES], **REPEATABLE)
+    extract >> send >> summary >> CheckOutcomeOperator(task_id="check_outcome")
 
 
 lead_events_sync()

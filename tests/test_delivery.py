@@ -6,14 +6,15 @@ import itertools
 import threading
 import time
 from contextlib import contextmanager
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 
-from lead_sync import pipeline, state
-from lead_sync.audit import metadata, outbox
+from lead_sync import claims, pipeline
+from lead_sync.clock import as_utc
+from lead_sync.audit import deliveries, metadata, outbox
 from lead_sync.client import CutMeShortClient
 from lead_sync.config import load_config
 from lead_sync.delivery import CredentialsRefused, Sender
@@ -114,7 +115,7 @@ def outbox_keys(wh) -> set[str]:
 
 
 def gaps(rows: list[dict]) -> list[float]:
-    moments = [state.as_utc(r["sent_at"]) for r in rows]
+    moments = [as_utc(r["sent_at"]) for r in rows]
     return [(b - a).total_seconds() for a, b in zip(moments, moments[1:])]
 
 
@@ -169,7 +170,7 @@ def test_5xx_then_success_is_delivered_once_with_every_attempt_audited(warehouse
     assert all(a["latency_ms"] is not None and a["error"] is None for a in tries)
     first = row(warehouse, 1)
     assert (first["status"], first["attempts"], first["http_status"]) == ("delivered", 4, 200)
-    assert state.as_utc(first["first_attempt_at"]) < state.as_utc(first["last_attempt_at"])
+    assert as_utc(first["first_attempt_at"]) < as_utc(first["last_attempt_at"])
     assert first["delivered_at"] is not None
     assert [a["http_status"] for a in attempts_of(warehouse, 2)] == [200]
     assert [lead["customerExternalId"] for lead in sandbox.leads()] == ["1", "2"]
@@ -178,28 +179,63 @@ def test_5xx_then_success_is_delivered_once_with_every_attempt_audited(warehouse
     assert (run["send_result"], run["message"]) == ("complete", None)
 
 
-def test_permanent_500_fails_after_max_attempts_and_the_next_run_retries(warehouse, sandbox):
+def _age(wh, cid: int, **hours: float) -> None:
+    """Time passes for one event: move its retry clock and next try back by so many hours."""
+    values = {column: datetime.now(timezone.utc) - timedelta(hours=h) for column, h in hours.items()}
+    with wh.engine.begin() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.event_key == row(wh, cid)["event_key"]).values(**values))
+
+
+def _send_run(wh) -> str:
+    """A run that only sends, as lead_events_drain's: its row in lead_event_sync_runs first."""
+    run_id = new_run_id()
+    pipeline.start_run(wh.engine, run_id, PARTITION.day, "lead_events_drain")
+    return run_id
+
+
+def test_permanent_500_stays_pending_across_runs_then_gives_up_and_is_final(warehouse, sandbox):
     run_id = seed(warehouse, signup(1), signup(2, 1))
     sandbox.set_faults({"permanent_errors": {"1": 500}})
     report = send_stage(warehouse, sandbox, run_id, max_attempts=3)
-    assert (report.requests, report.delivered, report.failed) == (4, 1, 1)
-    assert [(a["http_status"], a["outcome"]) for a in attempts_of(warehouse, 1)] == [
-        (500, "retry"), (500, "retry"), (500, "failed")]
-    failed = row(warehouse, 1)
-    assert (failed["status"], failed["attempts"], failed["http_status"]) == ("failed", 3, 500)
-    assert failed["reason"].startswith("gave up after 3 attempts this run: HTTP 500")
-    assert failed["event_key"] in outbox_keys(warehouse)  # its body is kept for the next run
-    summary = pipeline.summarise(warehouse.engine, run_id, PARTITION)
-    assert (summary.outcome, summary.counts, summary.requests_sent) == ("failed", {"delivered": 1, "failed": 1}, 4)
+    assert (report.requests, report.delivered, report.failed, report.left_open) == (4, 1, 0, 1)
+    assert [(a["http_status"], a["outcome"]) for a in attempts_of(warehouse, 1)] == [(500, "retry")] * 3
+    left = row(warehouse, 1)
+    assert (left["status"], left["attempts"], left["http_status"]) == ("pending", 3, 500)
+    assert left["reason"].startswith("retrying: HTTP 500") and "gives up after" in left["reason"]
+    assert as_utc(left["next_attempt_at"]) > datetime.now(timezone.utc) + timedelta(minutes=4)
+    assert left["event_key"] in outbox_keys(warehouse)
+    # Retrying is not a failure of the run.
+    summary = pipeline.summarise(warehouse.engine, run_id, PARTITION.day)
+    assert (summary.outcome, summary.counts, summary.requests_sent) == ("success", {"delivered": 1, "pending": 1}, 4)
 
-    sandbox.set_faults({"permanent_errors": {}})
-    run2 = new_run_id()
+    # A run before next_attempt_at does not try it.
+    assert send_stage(warehouse, sandbox, new_run_id(), max_attempts=3).requests == 0
+    # Later, still within give_up_after_hours: retried, left open again, a longer wait.
+    _age(warehouse, 1, retry_since=10, next_attempt_at=0.01)
+    run2 = _send_run(warehouse)
     report = send_stage(warehouse, sandbox, run2, max_attempts=3)
-    assert (report.requests, report.delivered, report.failed) == (1, 1, 0)
-    again = row(warehouse, 1)
-    assert (again["status"], again["attempts"], again["reason"]) == ("delivered", 4, None)
-    assert [a["run_id"] for a in attempts_of(warehouse, 1)] == [run_id] * 3 + [run2]
-    assert [lead["customerExternalId"] for lead in sandbox.leads()] == ["2", "1"]
+    assert (report.requests, report.failed, report.left_open) == (3, 0, 1)
+    assert as_utc(row(warehouse, 1)["next_attempt_at"]) > datetime.now(timezone.utc) + timedelta(minutes=9)
+    assert pipeline.summarise(warehouse.engine, run2, PARTITION.day).outcome == "success"
+
+    # Past give_up_after_hours (72 by default): the run's last attempt gives up, and that run fails.
+    _age(warehouse, 1, retry_since=73, next_attempt_at=0.01)
+    run3 = _send_run(warehouse)
+    report = send_stage(warehouse, sandbox, run3, max_attempts=3)
+    assert (report.requests, report.failed) == (3, 1)
+    failed = row(warehouse, 1)
+    assert (failed["status"], failed["attempts"]) == ("failed", 9)
+    assert failed["reason"].startswith("gave up after 73.0 h of retries (9 attempts; give_up_after_hours is 72)")
+    assert [a["outcome"] for a in attempts_of(warehouse, 1)][-1] == "failed"
+    summary = pipeline.summarise(warehouse.engine, run3, PARTITION.day)
+    assert summary.outcome == "failed" and "gave up" in summary.message
+
+    # Final for automatic runs: nothing is sent, and a later run is not failed by it.
+    sandbox.set_faults({"permanent_errors": {}})
+    run4 = _send_run(warehouse)
+    assert send_stage(warehouse, sandbox, run4, max_attempts=3).requests == 0
+    summary = pipeline.summarise(warehouse.engine, run4, PARTITION.day)
+    assert (summary.outcome, summary.counts) == ("success", {"delivered": 1, "failed": 1})
 
 
 def test_timeouts_are_retried(warehouse, sandbox):
@@ -218,14 +254,20 @@ def test_timeouts_are_retried(warehouse, sandbox):
     assert row(warehouse, 1)["status"] == "delivered"
 
 
-def test_timeouts_every_time_end_failed(warehouse, sandbox):
+def test_timeouts_every_time_stay_pending_then_give_up(warehouse, sandbox):
     seed(warehouse, signup(1))
     sandbox.set_faults({"slow_rate": 1.0, "slow_ms": 1200})
     with sending(warehouse, sandbox, timeout=0.3, max_attempts=2) as sender:
         report = sender.run()
+    assert (report.requests, report.failed, report.left_open) == (2, 0, 1)
+    assert [(a["http_status"], a["outcome"]) for a in attempts_of(warehouse, 1)] == [(None, "unknown")] * 2
+    left = row(warehouse, 1)
+    assert left["status"] == "pending" and left["reason"].startswith("retrying: no response (ReadTimeout")
+    _age(warehouse, 1, retry_since=72.5, next_attempt_at=0.01)
+    with sending(warehouse, sandbox, timeout=0.3, max_attempts=2) as sender:
+        report = sender.run()
     assert (report.requests, report.failed) == (2, 1)
-    assert [(a["http_status"], a["outcome"]) for a in attempts_of(warehouse, 1)] == [
-        (None, "unknown"), (None, "failed")]
+    assert [a["outcome"] for a in attempts_of(warehouse, 1)] == ["unknown"] * 3 + ["failed"]
     failed = row(warehouse, 1)
     assert failed["status"] == "failed" and "no response (ReadTimeout" in failed["reason"]
 
@@ -257,7 +299,7 @@ def test_client_errors_are_rejected_after_one_attempt(warehouse, sandbox, status
     assert (rejected["status"], rejected["attempts"], rejected["http_status"]) == ("rejected", 1, status)
     assert rejected["reason"] == f"rejected by the API: HTTP {status}: injected failure for this customer"
     assert rejected["event_key"] not in outbox_keys(warehouse)
-    summary = pipeline.summarise(warehouse.engine, run_id, PARTITION)
+    summary = pipeline.summarise(warehouse.engine, run_id, PARTITION.day)
     assert summary.outcome == "success" and summary.counts == {"delivered": 1, "rejected": 1}
 
     # Not retried by later runs while its source row is unchanged...
@@ -282,7 +324,7 @@ def test_409_counts_as_delivered_and_is_noted(warehouse, sandbox):
     seed(warehouse, signup(1))
     # Someone (an earlier, lost request) already recorded this lead.
     with CutMeShortClient(sandbox.url, TOKEN) as client:
-        body = state.outbox_body(warehouse.engine, row(warehouse, 1)["event_key"])
+        body = claims.outbox_body(warehouse.engine, row(warehouse, 1)["event_key"])
         assert client.track_lead(body).http_status == 200
     with sending(warehouse, sandbox) as sender:
         report = sender.run()
@@ -314,7 +356,7 @@ def test_refused_credentials_stop_the_run_and_leave_events_pending(warehouse, sa
     assert outbox_keys(warehouse) == {r["event_key"] for r in warehouse.deliveries().values()}
     (run,) = warehouse.runs()
     assert run["send_result"] == "credentials_refused" and "cme_production" in run["message"]
-    summary = pipeline.summarise(warehouse.engine, run_id, PARTITION)
+    summary = pipeline.summarise(warehouse.engine, run_id, PARTITION.day)
     assert summary.outcome == "failed" and summary.counts == {"pending": 4}
 
 
@@ -333,7 +375,7 @@ def test_time_budget_used_up_leaves_the_rest_pending(warehouse, sandbox):
     assert outbox_keys(warehouse) == {row(warehouse, cid)["event_key"] for cid in (5, 6)}
     (run,) = warehouse.runs()
     assert run["send_result"] == "budget_exhausted" and "pending" in run["message"]
-    assert pipeline.summarise(warehouse.engine, run_id, PARTITION).outcome == "success"
+    assert pipeline.summarise(warehouse.engine, run_id, PARTITION.day).outcome == "success"
 
     # Nothing dropped: the next run (with budget left) sends exactly the rest.
     run2 = new_run_id()
@@ -370,22 +412,23 @@ def test_event_two_is_sent_only_after_event_one_is_delivered(warehouse, sandbox)
                              ("7", "email_verified", 200)]
     two, one = row(warehouse, 7, "email_verified"), row(warehouse, 7)
     (confirm,) = attempts_of(warehouse, 7, "email_verified")
-    assert state.as_utc(one["delivered_at"]) <= state.as_utc(confirm["sent_at"])
+    assert as_utc(one["delivered_at"]) <= as_utc(confirm["sent_at"])
     assert two["tracking"] == "deferred_confirm" and two["status"] == "delivered"
 
 
-@pytest.mark.parametrize("event_one_ends", ["failed", "rejected"])
+@pytest.mark.parametrize("event_one_ends", ["retrying", "rejected"])
 def test_event_two_is_not_sent_while_event_one_is_not_delivered(warehouse, sandbox, event_one_ends):
     seed(warehouse, signup(7, deferred=True), signup(8, 1), verified=(verification(7),))
-    sandbox.set_faults({"permanent_errors": {"7": 500 if event_one_ends == "failed" else 422}})
+    sandbox.set_faults({"permanent_errors": {"7": 500 if event_one_ends == "retrying" else 422}})
     with sending(warehouse, sandbox, max_attempts=2) as sender:
         sender.run()
-    assert row(warehouse, 7)["status"] == event_one_ends
+    assert row(warehouse, 7)["status"] == ("pending" if event_one_ends == "retrying" else "rejected")
     assert row(warehouse, 7, "email_verified")["status"] == "pending"
     assert attempts_of(warehouse, 7, "email_verified") == []
     assert "email_verified" not in [event for _, event, _ in sent(sandbox)]
 
-    # A later run with the API healthy again.
+    # A later run, once the event is due again, with the API healthy again.
+    _age(warehouse, 7, next_attempt_at=0.01)
     sandbox.set_faults({"permanent_errors": {}})
     with sending(warehouse, sandbox) as sender:
         sender.run()
@@ -458,8 +501,8 @@ def test_abandoned_in_flight_request_is_audited_as_unknown_and_sent_once_more(wa
     key = row(warehouse, 1)["event_key"]
     if reached_api:  # the dead sender's request got through before it died
         with CutMeShortClient(sandbox.url, TOKEN) as client:
-            assert client.track_lead(state.outbox_body(warehouse.engine, key)).http_status == 200
-    assert state.claim(warehouse.engine, key, "dead_run", lease_seconds=0.5) == 1
+            assert client.track_lead(claims.outbox_body(warehouse.engine, key)).http_status == 200
+    assert claims.claim(warehouse.engine, key, "dead_run", lease_seconds=0.5).attempt == 1
     if reached_api:
         time.sleep(0.6)  # the lease has run out before the next sender starts
     # Otherwise the next sender sends the rest, then waits for the lease to run out.
@@ -496,7 +539,8 @@ def test_audit_keeps_no_raw_email_name_or_token(warehouse, sandbox):
                   verified=(verification(4),))
     sandbox.set_faults({"permanent_errors": {"2": 422, "3": 500}})
     send_stage(warehouse, sandbox, run_id, max_attempts=2)
-    pipeline.summarise(warehouse.engine, run_id, PARTITION)
+    pipeline.summarise(warehouse.engine, run_id, PARTITION.day)
+    _age(warehouse, 3, next_attempt_at=0.01)  # due again: the next run tries it, with a revoked token
     with pytest.raises(CredentialsRefused):
         send_stage(warehouse, sandbox, new_run_id(), token="wrong-token-456")
     emails = [lead.get("customerEmail") for lead in sandbox.leads()]

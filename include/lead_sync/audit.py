@@ -12,6 +12,7 @@ import time
 
 from sqlalchemy import (
     BigInteger,
+    inspect,
     Column,
     Date,
     DateTime,
@@ -59,8 +60,14 @@ deliveries = Table(
     # senders never send one event at once and a dead sender's request is detected.
     Column("inflight_run_id", String(250)),
     Column("inflight_until", TS),
+    # Retrying across runs: give_up_after_hours counts from retry_since (the first attempt,
+    # or the re-opening of a failed event); an event left open after a run's attempts
+    # waits until next_attempt_at before another run tries it.
+    Column("retry_since", TS),
+    Column("next_attempt_at", TS),
 )
 Index("ix_lead_event_deliveries_status", deliveries.c.status, deliveries.c.partition_date)
+Index("ix_lead_event_deliveries_partition", deliveries.c.partition_date)
 Index("ix_lead_event_deliveries_customer", deliveries.c.customer_external_id, deliveries.c.tracking)
 Index("ix_lead_event_deliveries_run", deliveries.c.last_run_id)
 
@@ -84,6 +91,7 @@ sync_runs = Table(
     "lead_event_sync_runs",
     metadata,
     Column("run_id", String(250), primary_key=True),
+    Column("dag_id", String(250)),
     Column("partition_date", Date, nullable=False),
     Column("started_at", TS, nullable=False),
     Column("finished_at", TS),
@@ -124,11 +132,30 @@ rate_slots = Table(
 Index("ix_lead_event_rate_slots_bucket", rate_slots.c.bucket, rate_slots.c.granted_at)
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Tables made by an earlier version get the columns and indexes added since (all nullable)."""
+    found = inspect(engine)
+    for table in metadata.sorted_tables:
+        if not found.has_table(table.name):
+            continue
+        have = {c["name"] for c in found.get_columns(table.name)}
+        missing = [c for c in table.columns if c.name not in have]
+        with engine.begin() as conn:
+            for column in missing:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+        indexes = {i["name"] for i in found.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(engine, checkfirst=True)
+
+
 def ensure_schema(engine: Engine) -> None:
-    """Create whatever audit table is missing; safe when several tasks race to do it."""
+    """Create whatever audit table, column or index is missing; safe when several tasks race to do it."""
     for attempt in range(3):
         try:
             metadata.create_all(engine, checkfirst=True)
+            _add_missing_columns(engine)
             return
         except SQLAlchemyError:
             if attempt == 2:

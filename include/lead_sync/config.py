@@ -7,9 +7,11 @@ from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SOURCES_ENV = "LEAD_SYNC_SOURCES"
+MAX_LOOKBACK_DAYS = 90
 DEFAULT_SOURCES_FILE = Path(__file__).resolve().parent.parent / "sources" / "lead_sources.yaml"
 
 
@@ -34,11 +36,42 @@ class SourceConfig(BaseModel):
         return self
 
 
+class AlertsConfig(BaseModel):
+    """Who is told, and when: e-mail through `smtp_default`, Slack through a webhook connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    email: tuple[str, ...] = ()
+    slack_conn_id: str | None = Field(default=None, min_length=1, max_length=250, pattern=r"^[A-Za-z0-9_.-]+$")
+    rejected_share: float = Field(default=0.05, ge=0, le=1)
+    backlog_hours: float = Field(default=24, gt=0, le=24 * 366)
+
+    @field_validator("email", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("email")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        checked = []
+        for address in value:
+            try:
+                checked.append(validate_email(address, check_deliverability=False).normalized)
+            except EmailNotValidError as exc:
+                raise ValueError(f"{address!r} is not an e-mail address ({exc})") from None
+        return tuple(checked)
+
+
 class SyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     partition_timezone: str = "UTC"
     verification_wait_days: float = Field(default=7, ge=0)
+    # Days before the run's partition that are read again for rows loaded late.
+    lookback_days: int = Field(default=3, ge=0, le=MAX_LOOKBACK_DAYS, strict=True)
+    # No section: no alerts, and nothing fails for it.
+    alerts: AlertsConfig | None = None
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
     base_dir: Path = Path(".")
 
@@ -70,6 +103,11 @@ class SyncConfig(BaseModel):
             raise ConfigError(f"source {source.name!r}: cannot read SQL file {path}: {exc}") from exc
 
 
+def describe_errors(exc: ValidationError) -> str:
+    """One line per problem, each naming its key (e.g. `alerts.email.0: ...`)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'configuration'}: {e['msg']}" for e in exc.errors())
+
+
 def sources_file() -> Path:
     """The configuration in use: $LEAD_SYNC_SOURCES, else the bundled default."""
     return Path(os.environ.get(SOURCES_ENV) or DEFAULT_SOURCES_FILE)
@@ -86,7 +124,7 @@ def load_config(path: Path | str | None = None) -> SyncConfig:
     try:
         config = SyncConfig(**raw, base_dir=path.resolve().parent)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {describe_errors(exc)}") from None
     for source in config.sources:
         config.sql_text(source)  # fail at load time, not mid-run
     return config

@@ -4,12 +4,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from sqlalchemy.engine import Engine
 
-from . import state
+from . import claims
+from .claims import Claim, Outcome
+from .clock import utcnow
 from .client import ApiResponse, CutMeShortClient
 from .events import DELIVERED, FAILED, REJECTED
 from .ratelimit import SharedRateLimiter
@@ -29,6 +31,7 @@ class SendReport:
     rejected: int = 0
     failed: int = 0
     recovered_unknown: int = 0
+    left_open: int = 0  # retried without an answer that settles them: later runs go on
     budget_exhausted: bool = False
     by_status: dict[str, int] = field(default_factory=dict)
 
@@ -38,26 +41,53 @@ class SendReport:
         self.by_status[key] = self.by_status.get(key, 0) + 1
 
 
-def decide(response: ApiResponse, attempt_in_run: int, max_attempts: int) -> state.Outcome:
-    """Turn one answer into the event's next state."""
+# An event a run leaves open after its attempts waits before the next run tries it again:
+# 5 minutes, doubling with every such run, at most an hour.
+RETRY_LATER_SECONDS = 300
+RETRY_LATER_MAX_SECONDS = 3600
+
+
+def retry_later_delay(attempt: int, max_attempts: int) -> timedelta:
+    rounds = max(1, attempt // max(max_attempts, 1))
+    return timedelta(seconds=min(RETRY_LATER_SECONDS * 2 ** (rounds - 1), RETRY_LATER_MAX_SECONDS))
+
+
+def decide(response: ApiResponse, attempt_in_run: int, policy: RetryPolicy, claim: Claim | None = None,
+           now: datetime | None = None) -> Outcome:
+    """Turn one answer into the event's next state.
+
+    A retryable answer on the run's last attempt leaves the event pending for later runs,
+    until it has been retried for `give_up_after_hours` since `claim.retry_since`: then it fails.
+    """
     kind = classify(response)
     text = describe(response)
     base = dict(http_status=response.http_status, latency_ms=response.latency_ms, error=response.error,
                 response=response.body, retry_after=response.retry_after)
     if kind == "delivered":
         reason = "API answered 409 (already recorded): counted as delivered" if response.http_status == 409 else None
-        return state.Outcome(DELIVERED, status=DELIVERED, reason=reason, **base)
+        return Outcome(DELIVERED, status=DELIVERED, reason=reason, **base)
     if kind == "rejected":
-        return state.Outcome(REJECTED, status=REJECTED, reason=f"rejected by the API: {text}", **base)
+        return Outcome(REJECTED, status=REJECTED, reason=f"rejected by the API: {text}", **base)
     if kind == CREDENTIALS:
-        return state.Outcome(CREDENTIALS, status=None, reason=None, **base)
-    if attempt_in_run >= max_attempts:
-        return state.Outcome(FAILED, status=FAILED, reason=f"gave up after {attempt_in_run} attempts this run: {text}",
-                             **base)
+        return Outcome(CREDENTIALS, status=None, reason=None, **base)
     # Without an answer the API may or may not have the event: the audit says so, and a
     # later 409 for the same event shows it had.
     label = UNKNOWN if response.http_status is None else RETRY
-    return state.Outcome(label, status=None, reason=f"retrying: {text}", **base)
+    if attempt_in_run < policy.max_attempts:
+        return Outcome(label, status=None, reason=f"retrying: {text}", **base)
+    now = now or utcnow()
+    since = claim.retry_since if claim is not None else now
+    hours = (now - since).total_seconds() / 3600
+    if hours >= policy.give_up_after_hours:
+        return Outcome(FAILED, status=FAILED,
+                       reason=f"gave up after {hours:.1f} h of retries ({claim.attempt if claim else attempt_in_run} "
+                              f"attempts; give_up_after_hours is {policy.give_up_after_hours:g}): {text}", **base)
+    attempt = claim.attempt if claim is not None else attempt_in_run
+    later = now + retry_later_delay(attempt, policy.max_attempts)
+    give_up_at = since + timedelta(hours=policy.give_up_after_hours)
+    return Outcome(label, status=None, next_attempt_at=later,
+                   reason=f"retrying: {text} ({attempt} attempts so far; next try after "
+                          f"{later:%Y-%m-%d %H:%M} UTC, gives up after {give_up_at:%Y-%m-%d %H:%M} UTC)", **base)
 
 
 class _OutOfTime(Exception):
@@ -86,17 +116,17 @@ class Sender:
         return self.deadline - time.time()
 
     def run(self) -> SendReport:
-        started = state.utcnow()
-        self.report.recovered_unknown += state.recover_abandoned(self.engine, self.run_id)
+        started = utcnow()
+        self.report.recovered_unknown += claims.recover_abandoned(self.engine, self.run_id)
         self._send_all(started)
         # Events a stopped sender left leased can be taken once the lease runs out.
-        expiry = state.next_lease_expiry(self.engine)
+        expiry = claims.next_lease_expiry(self.engine)
         if expiry is not None and not self.report.budget_exhausted:
-            wait = (expiry - state.utcnow()).total_seconds() + 0.5
+            wait = (expiry - utcnow()).total_seconds() + 0.5
             if wait < self.seconds_left():
                 log.info("waiting %.1fs for in-flight leases of an earlier sender to expire", max(wait, 0))
                 self.sleep(max(wait, 0))
-                self.report.recovered_unknown += state.recover_abandoned(self.engine, self.run_id)
+                self.report.recovered_unknown += claims.recover_abandoned(self.engine, self.run_id)
                 self._send_all(started)
         return self.report
 
@@ -104,7 +134,7 @@ class Sender:
         # Event 1s first, then the event 2s whose event 1 is now delivered.
         for confirms in (False, True):
             while not self.report.budget_exhausted:
-                keys = state.sendable_keys(self.engine, confirms, started)
+                keys = claims.sendable_keys(self.engine, confirms, started)
                 if not keys:
                     break
                 for key in keys:
@@ -114,27 +144,27 @@ class Sender:
                     self._deliver(key)
 
     def _deliver(self, key: str) -> None:
-        payload = state.outbox_body(self.engine, key)
+        payload = claims.outbox_body(self.engine, key)
         if payload is None:
             return
         tries = 0  # attempts by this run; max_attempts counts these
 
-        def attempt() -> state.Outcome | None:
+        def attempt() -> Outcome | None:
             nonlocal tries
             if not self.limiter.acquire(self.deadline):
                 raise _OutOfTime
-            number = state.claim(self.engine, key, self.run_id, self.lease_seconds)
-            if number is None:
+            taken = claims.claim(self.engine, key, self.run_id, self.lease_seconds)
+            if taken is None:
                 # Another sender took it, or it closed meanwhile: no request, so the slot goes back
                 # (senders working the same backlog would otherwise waste the shared budget).
                 self.limiter.release()
                 return None
             tries += 1
-            sent_at = state.utcnow()
+            sent_at = utcnow()
             response = self.client.track_lead(payload)
             self.report.count(response)
-            outcome = decide(response, tries, self.policy.max_attempts)
-            state.record(self.engine, key, number, self.run_id, sent_at, outcome)
+            outcome = decide(response, tries, self.policy, taken)
+            claims.settle(self.engine, key, taken.attempt, self.run_id, sent_at, outcome)
             if outcome.outcome == CREDENTIALS:
                 raise CredentialsRefused(
                     f"the CutMeShort API refused the token ({describe(response)}); "
@@ -162,5 +192,7 @@ class Sender:
             self.report.rejected += 1
         elif outcome.status == FAILED:
             self.report.failed += 1
+        elif outcome.next_attempt_at is not None:
+            self.report.left_open += 1  # this run's attempts are spent: a later run retries it
         else:
             self.report.budget_exhausted = True  # stopped retrying for lack of time: stays open

@@ -17,7 +17,8 @@ REJECTED = "rejected"
 FAILED = "failed"
 SKIPPED = "skipped"
 STATUSES = (PENDING, DELIVERED, REJECTED, FAILED, SKIPPED)
-OPEN_STATUSES = (PENDING, FAILED)  # still to be sent by some run
+# `pending` is open: every sender works on it. `failed` (gave up) is final for automatic
+# runs; a run of the event's own partition re-opens it.
 
 
 @dataclass

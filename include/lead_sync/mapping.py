@@ -13,6 +13,7 @@ from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
@@ -335,20 +336,84 @@ def map_verification_row(source: SourceConfig, row: dict, partition: Partition) 
                      payload, customer_external_id=customer, event_name=name, event_time=moment)
 
 
-def map_frame(source: SourceConfig, frame: pd.DataFrame, partition: Partition) -> list[LeadEvent]:
-    """Map one source's rows for one partition; rows outside the partition are dropped."""
+def _rule(source: SourceConfig, frame: pd.DataFrame):
     if source.kind == "signup":
         _require_columns(source, frame, SIGNUP_COLUMNS)
-        rule = map_signup_row
-    else:
-        _require_columns(source, frame, VERIFICATION_COLUMNS)
-        rule = map_verification_row
+        return map_signup_row
+    _require_columns(source, frame, VERIFICATION_COLUMNS)
+    return map_verification_row
+
+
+def map_frame(source: SourceConfig, frame: pd.DataFrame, partition: Partition) -> list[LeadEvent]:
+    """Map one source's rows for one partition; rows outside the partition are dropped."""
+    rule = _rule(source, frame)
     events = []
     for record in frame.to_dict("records"):
         event = rule(source, _plain_row(record), partition)
         if event is not None:
             events.append(event)
     return events
+
+
+def known_key(source: SourceConfig, row: dict) -> str | None:
+    """The key `map_*_row` would give this row, found without checking the rest of it.
+
+    None when only the full mapping can tell (such rows are then mapped). Used to pass over
+    rows already on record cheaply: a look-back must not re-validate what it has seen.
+    """
+    try:
+        utc_moment(row.get("event_time"), "event time")
+        customer = id_text(row.get("customer_external_id"), "customer id")
+        if source.kind == "signup":
+            as_flag(row.get("requires_verification"))
+            return event_key(customer, source.event_name)
+        name = row.get("event_name")
+        if not isinstance(name, str):
+            return None
+        return event_key(customer, id_text(name, "event_name"))
+    except InvalidValue:
+        return None
+
+
+def row_day(row: dict, zone: ZoneInfo) -> date | None:
+    """The partition day of a row's event time in the partition zone; None when unreadable."""
+    try:
+        moment = utc_moment(row.get("event_time"), "event time")
+    except InvalidValue:
+        return None
+    return moment.astimezone(zone).date()
+
+
+def map_days(source: SourceConfig, frame: pd.DataFrame, days: dict[date, Partition], home: Partition | None,
+             known: dict[date, set[str]]) -> tuple[dict[date, list[LeadEvent]], int]:
+    """Map rows read for several partitions at once, each to the partition of its event time.
+
+    Rows of other days are dropped; a row whose time cannot be read goes to `home` (the run's
+    own partition) when given, so that it is audited rather than lost. Rows of a day listed in
+    `known` whose key is in that set are passed over unmapped; returns how many were.
+    """
+    rule = _rule(source, frame)
+    zone = next(iter(days.values())).zone
+    out: dict[date, list[LeadEvent]] = {}
+    passed = 0
+    for record in frame.to_dict("records"):
+        row = _plain_row(record)
+        day = row_day(row, zone)
+        part = days.get(day) if day is not None else home
+        if part is None:
+            continue
+        seen = known.get(part.day)
+        if seen is not None and known_key(source, row) in seen:
+            passed += 1
+            continue
+        event = rule(source, row, part)
+        if event is None:
+            continue
+        if seen is not None and event.event_key in seen:
+            passed += 1
+            continue
+        out.setdefault(part.day, []).append(event)
+    return out, passed
 
 
 _FAR = datetime.max.replace(tzinfo=timezone.utc)

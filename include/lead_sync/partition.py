@@ -30,13 +30,29 @@ class Partition:
         timestamps whatever their separator; two days cover any pair of real-world offsets
         (-12:00 to +14:00) between a row and the partition zone. The exact cut is made in Python.
         """
-        return {
-            "window_start": (self.day - timedelta(days=PAD_DAYS)).isoformat(),
-            "window_end": (self.day + timedelta(days=PAD_DAYS + 1)).isoformat(),
-        }
+        return days_window(self.day, self.day)
 
     def contains(self, moment: datetime) -> bool:
         return self.start <= moment < self.end
+
+
+def days_window(first: date, last: date) -> dict[str, str]:
+    """The SQL bounds that cover every partition from `first` to `last` (see Partition.sql_window)."""
+    return {
+        "window_start": (first - timedelta(days=PAD_DAYS)).isoformat(),
+        "window_end": (last + timedelta(days=PAD_DAYS + 1)).isoformat(),
+    }
+
+
+def contiguous(days: list[date]) -> list[tuple[date, date]]:
+    """Sorted days as (first, last) runs of consecutive days: each run is read with one query."""
+    runs: list[tuple[date, date]] = []
+    for day in sorted(set(days)):
+        if runs and day == runs[-1][1] + timedelta(days=1):
+            runs[-1] = (runs[-1][0], day)
+        else:
+            runs.append((day, day))
+    return runs
 
 
 def parse_partition_date(value: str) -> date:

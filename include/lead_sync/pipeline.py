@@ -5,7 +5,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.engine import Engine
@@ -13,14 +13,16 @@ from sqlalchemy.engine import Engine
 from . import state
 from .audit import attempts, deliveries, ensure_schema, sync_runs
 from .client import CutMeShortClient
+from .clock import utcnow
 from .config import SyncConfig
 from .delivery import CredentialsRefused, SendReport, Sender
-from .events import FAILED, STATUSES
-from .mapping import first_per_key, map_frame
-from .partition import Partition
-from .ratelimit import SharedRateLimiter
+from .events import DELIVERED, FAILED, REJECTED, STATUSES
+from .mapping import first_per_key, map_days
+from .partition import Partition, contiguous, days_window
+from .ratelimit import SharedRateLimiter, bucket_name
 from .retry import RetryPolicy
-from .sources import prepare_engine, read_source
+from .settings import ApiTarget
+from .sources import prepare_engine, read_source_chunks
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +31,78 @@ SEND_BUDGET = "budget_exhausted"
 SEND_CREDENTIALS = "credentials_refused"
 
 
-def start_run(engine: Engine, run_id: str, partition: Partition) -> None:
-    now = state.utcnow()
-    values = dict(partition_date=partition.day, started_at=now, finished_at=None, outcome="running",
+def start_run(engine: Engine, run_id: str, partition_day: date, dag_id: str | None = None) -> None:
+    now = utcnow()
+    values = dict(dag_id=dag_id, partition_date=partition_day, started_at=now, finished_at=None, outcome="running",
                   send_result=None, message=None)
     with engine.begin() as conn:
         if conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values)).rowcount == 0:
             conn.execute(insert(sync_runs).values(run_id=run_id, **values))
 
 
-def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, run_id: str) -> dict:
-    """Read the partition, and every partition with open events, and record the mapped events."""
+@dataclass(frozen=True)
+class ReadPlan:
+    """Which partitions a run reads, and how.
+
+    `full`: every row is re-evaluated (the run's own partition, and partitions holding
+    pending events). `lookback`: only rows not on record yet are mapped and recorded
+    (late rows); what is on record there is passed over unread by the mapping.
+    """
+
+    home: date
+    full: tuple[date, ...]
+    lookback: tuple[date, ...]
+
+
+def plan_read(engine: Engine, config: SyncConfig, partition: Partition) -> ReadPlan:
+    names = [s.name for s in config.sources]
+    full = {partition.day} | state.open_partition_days(engine, names)
+    behind = {partition.day - timedelta(days=n) for n in range(1, config.lookback_days + 1)}
+    return ReadPlan(partition.day, tuple(sorted(full)), tuple(sorted(behind - full)))
+
+
+def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, run_id: str,
+                    dag_id: str | None = None) -> dict:
+    """Read the partition, the look-back days before it and every partition with pending events;
+    record the mapped events. The run's own partition re-opens its `failed` events."""
     prepare_engine(engine)
     ensure_schema(engine)
-    start_run(engine, run_id, partition)
+    start_run(engine, run_id, partition.day, dag_id)
+    plan = plan_read(engine, config, partition)
     names = [s.name for s in config.sources]
-    days = sorted({partition.day} | state.open_partition_days(engine, names))
+    parts = {day: Partition(day, config.zone) for day in plan.full + plan.lookback}
+    known = {day: state.recorded_keys(engine, [day]) for day in plan.lookback}
+    mapped: dict[date, list] = {day: [] for day in parts}
     totals: Counter = Counter()
-    for day in days:
-        part = Partition(day, config.zone)
-        events = []
+    for first, last in contiguous(list(parts)):
+        window = days_window(first, last)
+        days = {d: p for d, p in parts.items() if first <= d <= last}
+        home = parts[plan.home] if first <= plan.home <= last else None
         for source in config.sources:
-            events.extend(map_frame(source, read_source(engine, config, source, part), part))
-        events, repeats = first_per_key(events)
-        counts = state.reconcile(engine, events, day, names, run_id, config.verification_wait_days)
+            for frame in read_source_chunks(engine, config, source, window):
+                events, passed = map_days(source, frame, days, home, known)
+                totals["lookback_known"] += passed
+                for day, found in events.items():
+                    mapped[day].extend(found)
+    for day in sorted(parts):
+        events, repeats = first_per_key(mapped.pop(day))
+        lookback = day in known
+        if lookback and not events:
+            continue
+        counts = state.reconcile(engine, events, day, names, run_id, config.verification_wait_days,
+                                 reopen=day == plan.home, close_missing=not lookback)
         counts["events_read"] += len(events) + repeats
         counts["repeats"] += repeats
+        if lookback:
+            counts["late_rows"] += counts["new"]
         totals.update(counts)
-        log.info("partition %s: %d events mapped (%s)", day, len(events), dict(counts))
+        log.info("partition %s%s: %d events mapped (%s)", day, " (look-back: new rows only)" if lookback else "",
+                 len(events), dict(counts))
     with engine.begin() as conn:
         conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(
             events_read=totals["events_read"], repeats=totals["repeats"]))
-    return {"partition_date": partition.day.isoformat(), "partitions_read": [d.isoformat() for d in days],
+    return {"partition_date": partition.day.isoformat(), "partitions_read": [d.isoformat() for d in plan.full],
+            "lookback_read": [d.isoformat() for d in plan.lookback],
             **{k: int(v) for k, v in totals.items()}}
 
 
@@ -77,10 +119,19 @@ def send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRa
         _set_send_result(engine, run_id, SEND_CREDENTIALS, str(exc))
         raise
     result = SEND_BUDGET if report.budget_exhausted else SEND_OK
-    message = ("time budget used up: the rest stays pending for the next run"
+    message = ("time budget used up: the rest stays pending and lead_events_drain goes on sending it"
                if report.budget_exhausted else None)
     _set_send_result(engine, run_id, result, message)
     return report
+
+
+def send(engine: Engine, api: ApiTarget, run_id: str, time_budget_seconds: float) -> SendReport:
+    """The send stage wired up: the deployment's shared rate limit, a client, the retry policy."""
+    settings = api.settings
+    limiter = SharedRateLimiter(engine, bucket_name(api.base_url, api.token), settings.rate_limit_per_minute)
+    with CutMeShortClient(api.base_url, api.token, settings.timeout_seconds, settings.allow_insecure_http) as client:
+        return send_open_events(engine, client, limiter, settings.retry_policy, run_id, time_budget_seconds,
+                                api.connection_name)
 
 
 def _set_send_result(engine: Engine, run_id: str, result: str, message: str | None) -> None:
@@ -88,18 +139,26 @@ def _set_send_result(engine: Engine, run_id: str, result: str, message: str | No
         conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(send_result=result, message=message))
 
 
+def run_partition_day(engine: Engine, run_id: str) -> date | None:
+    with engine.connect() as conn:
+        return conn.execute(select(sync_runs.c.partition_date).where(sync_runs.c.run_id == run_id)).scalar()
+
+
 @dataclass
 class RunSummary:
     run_id: str
+    dag_id: str
     partition_date: date
-    counts: dict[str, int]
+    counts: dict[str, int]  # events per status: the run's partition, or touched by the run
     requests_sent: int
     send_result: str | None
-    outcome: str
+    outcome: str  # success | failed
     message: str | None
+    decided: dict[str, int]  # events this run's requests settled: delivered, rejected, failed
+    top_reasons: list[tuple[str, str, int]]  # (status, reason, events) of the counted events, most frequent first
 
     def table(self) -> str:
-        lines = [f"lead_events_sync run {self.run_id} (partition {self.partition_date}): {self.outcome}"]
+        lines = [f"{self.dag_id} run {self.run_id} (partition {self.partition_date}): {self.outcome}"]
         lines += [f"  {status:<10} {self.counts.get(status, 0):>7}" for status in STATUSES]
         lines.append(f"  {'requests':<10} {self.requests_sent:>7}")
         if self.message:
@@ -107,40 +166,55 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def summarise(engine: Engine, run_id: str, partition: Partition) -> RunSummary:
-    """Counts per status of the events this run touched or that belong to its partition; closes the run row."""
+TOP_REASONS = 5
+
+
+def summarise(engine: Engine, run_id: str, partition_day: date, dag_id: str = "lead_events_sync",
+              whole_partition: bool = True) -> RunSummary:
+    """Counts per status of the events this run touched (and, with `whole_partition`, of its
+    partition); closes the run row. A run fails when an event gave up in it, or sending did not end."""
     prepare_engine(engine)
     ensure_schema(engine)
+    scope = deliveries.c.last_run_id == run_id
+    if whole_partition:
+        scope = or_(deliveries.c.partition_date == partition_day, scope)
     with engine.begin() as conn:
-        rows = conn.execute(
-            select(deliveries.c.status, func.count())
-            .where(or_(deliveries.c.partition_date == partition.day, deliveries.c.last_run_id == run_id))
-            .group_by(deliveries.c.status)
-        ).all()
+        rows = conn.execute(select(deliveries.c.status, func.count()).where(scope).group_by(deliveries.c.status)).all()
         counts = {status: int(n) for status, n in rows}
+        reasons = conn.execute(
+            select(deliveries.c.status, deliveries.c.reason, func.count().label("n"))
+            .where(scope, deliveries.c.status != DELIVERED, deliveries.c.reason.is_not(None))
+            .group_by(deliveries.c.status, deliveries.c.reason)
+            .order_by(func.count().desc(), deliveries.c.status, deliveries.c.reason)
+            .limit(TOP_REASONS)
+        ).all()
         sent = conn.execute(
             select(func.count()).select_from(attempts).where(attempts.c.run_id == run_id, attempts.c.outcome != "unknown")
         ).scalar_one()
+        decided = dict(conn.execute(
+            select(attempts.c.outcome, func.count(attempts.c.event_key.distinct()))
+            .where(attempts.c.run_id == run_id, attempts.c.outcome.in_((DELIVERED, REJECTED, FAILED)))
+            .group_by(attempts.c.outcome)
+        ).all())
         run = conn.execute(select(sync_runs).where(sync_runs.c.run_id == run_id)).mappings().first()
         send_result = run["send_result"] if run else None
         message = run["message"] if run else None
-        failed_here = conn.execute(
-            select(func.count()).select_from(deliveries)
-            .where(deliveries.c.last_run_id == run_id, deliveries.c.status == FAILED)
-        ).scalar_one()
+        gave_up = decided.get(FAILED, 0)  # failed in an earlier run: counted, but not this run's failure
         if send_result == SEND_CREDENTIALS:
             outcome = "failed"
         elif send_result is None:
             outcome, message = "failed", message or "sending did not complete (see the send task's log)"
-        elif failed_here:
-            outcome, message = "failed", f"{failed_here} event(s) failed after all attempts; the next run retries them"
+        elif gave_up:
+            outcome, message = "failed", (f"{gave_up} event(s) gave up after give_up_after_hours of retries: "
+                                          "status failed; a run of their partition re-opens them")
         else:
             outcome = "success"
-        values = dict(finished_at=state.utcnow(), requests_sent=int(sent), outcome=outcome, message=message,
+        values = dict(dag_id=dag_id, finished_at=utcnow(), requests_sent=int(sent), outcome=outcome, message=message,
                       **{s: counts.get(s, 0) for s in STATUSES})
         if run is None:
-            conn.execute(insert(sync_runs).values(run_id=run_id, partition_date=partition.day,
-                                                  started_at=state.utcnow(), send_result=send_result, **values))
+            conn.execute(insert(sync_runs).values(run_id=run_id, partition_date=partition_day,
+                                                  started_at=utcnow(), send_result=send_result, **values))
         else:
             conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
-    return RunSummary(run_id, partition.day, counts, int(sent), send_result, outcome, message)
+    return RunSummary(run_id, dag_id, partition_day, counts, int(sent), send_result, outcome, message,
+                      {k: int(v) for k, v in decided.items()}, [(s, r, int(n)) for s, r, n in reasons])

@@ -27,9 +27,10 @@ UNKNOWN = "unknown"  # no answer (timeout, reset, sender died): the API may have
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 5
+    max_attempts: int = 5  # per event and run
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
+    give_up_after_hours: float = 72.0  # across runs, from the first attempt: then `failed`
 
 
 def classify(response: ApiResponse) -> str:

@@ -1,6 +1,7 @@
 """Delivery settings read from the `cutmeshort_default` connection's extra."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,12 +19,15 @@ class ApiSettings(BaseModel):
     max_attempts: int = Field(default=5, ge=1, le=50)
     backoff_base_seconds: float = Field(default=1.0, ge=0)
     backoff_max_seconds: float = Field(default=60.0, ge=0)
+    # Retried across runs for this long since the first attempt, then `failed` (final for automatic runs).
+    give_up_after_hours: float = Field(default=72.0, gt=0, le=24 * 366)
     # Plain http to a non-loopback host, for a sandbox on a private network only.
     allow_insecure_http: bool = False
 
     @property
     def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(self.max_attempts, self.backoff_base_seconds, self.backoff_max_seconds)
+        return RetryPolicy(self.max_attempts, self.backoff_base_seconds, self.backoff_max_seconds,
+                           self.give_up_after_hours)
 
 
 def parse_api_settings(extra: dict[str, Any] | None, connection_name: str) -> ApiSettings:
@@ -32,3 +36,13 @@ def parse_api_settings(extra: dict[str, Any] | None, connection_name: str) -> Ap
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"connection {connection_name!r} has invalid extra settings: {problems}") from None
+
+
+@dataclass(frozen=True)
+class ApiTarget:
+    """Everything a sender needs to reach the API: where, with which token, under which settings."""
+
+    base_url: str
+    token: str = field(repr=False)
+    settings: ApiSettings = field(default_factory=ApiSettings)
+    connection_name: str = "cutmeshort_default"  # named in errors, e.g. when the token is refused

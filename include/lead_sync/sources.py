@@ -5,8 +5,12 @@ import pandas as pd
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
+from typing import Iterator
+
 from .config import SourceConfig, SyncConfig
 from .partition import Partition
+
+CHUNK_ROWS = 50_000
 
 
 def prepare_engine(engine: Engine) -> Engine:
@@ -36,3 +40,14 @@ def read_source(engine: Engine, config: SyncConfig, source: SourceConfig, partit
         result = conn.execute(text(config.sql_text(source)), partition.sql_window())
         columns = [c.lower() for c in result.keys()]
         return pd.DataFrame(result.fetchall(), columns=columns, dtype=object)
+
+
+def read_source_chunks(engine: Engine, config: SyncConfig, source: SourceConfig, window: dict[str, str],
+                       chunk_rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The source's rows in a window (see partition.days_window), a bounded frame at a time."""
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
+            text(config.sql_text(source)), window)
+        columns = [c.lower() for c in result.keys()]
+        for rows in result.partitions():
+            yield pd.DataFrame(rows, columns=columns, dtype=object)

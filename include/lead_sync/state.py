@@ -1,20 +1,21 @@
-"""Event state in the warehouse: recording what a run mapped, and each send's outcome.
+"""Recording what a run mapped: new events, re-evaluated open ones, re-opened failed ones.
 
-The audit row of an event is its state. Every write here is a short transaction, so a
-run that dies at any point leaves a state the next run can resume from.
+The audit row of an event is its state (sending it is `claims`). Every write here is a
+short transaction, so a run that dies at any point leaves a state the next run can resume from.
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from typing import Iterable, Iterator, Sequence
 
-from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from .audit import attempts, deliveries, outbox
+from .audit import deliveries, outbox
+from .clock import as_utc, utcnow
 from .events import (
     DEFERRED_CONFIRM,
     DEFERRED_START,
@@ -22,28 +23,14 @@ from .events import (
     EVENT_ONE,
     FAILED,
     NON_DEFERRED,
-    OPEN_STATUSES,
     PENDING,
     REJECTED,
     SKIPPED,
     LeadEvent,
 )
 from .mapping import payload_digest, redact
-from .retry import UNKNOWN
 
 CHUNK = 500
-RESPONSE_CHARS = 1000
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def as_utc(moment: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; everything stored is UTC."""
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def _chunks(items: Sequence, size: int = CHUNK) -> Iterator[Sequence]:
@@ -56,14 +43,23 @@ def _dump(payload: dict | None) -> str | None:
 
 
 def open_partition_days(engine: Engine, sources: Iterable[str]) -> set[date]:
-    """Partitions holding events that earlier runs left pending or failed."""
+    """Partitions holding events that earlier runs left pending (`failed` is final: not these)."""
     query = (
         select(deliveries.c.partition_date)
-        .where(deliveries.c.status.in_(OPEN_STATUSES), deliveries.c.source.in_(list(sources)))
+        .where(deliveries.c.status == PENDING, deliveries.c.source.in_(list(sources)))
         .distinct()
     )
     with engine.connect() as conn:
         return {row[0] for row in conn.execute(query)}
+
+
+def recorded_keys(engine: Engine, days: Sequence[date]) -> set[str]:
+    """Keys of every event already on record for these partitions, whatever its status."""
+    if not days:
+        return set()
+    with engine.connect() as conn:
+        query = select(deliveries.c.event_key).where(deliveries.c.partition_date.in_(list(days)))
+        return {k for (k,) in conn.execute(query)}
 
 
 def _load(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
@@ -123,7 +119,7 @@ def _drop_outbox(conn: Connection, keys: Sequence[str]) -> None:
 
 
 def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict], run_id: str,
-           now: datetime, counts: Counter) -> None:
+           now: datetime, counts: Counter, reopen: bool) -> None:
     inserts, updates, bodies, dropped = [], [], {}, []
     for event in events:
         row = existing.get(event.event_key)
@@ -157,14 +153,21 @@ def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict],
         elif row["status"] == REJECTED and row["payload_sha256"] == digest:
             counts["still_rejected"] += 1
             continue
+        elif row["status"] == FAILED and not reopen:
+            counts["failed_final"] += 1  # gave up: only a run of its own partition re-opens it
+            continue
         else:
-            status = event.status
-            if status == PENDING and row["status"] == FAILED:
-                status = FAILED  # stays failed until a send succeeds
-                fields["reason"] = event.reason or row["reason"]
-            elif status == PENDING and row["status"] == REJECTED:
+            retry = {"retry_since": row["retry_since"], "next_attempt_at": row["next_attempt_at"]}
+            if event.status == PENDING and row["status"] == FAILED:
+                fields["reason"] = f"re-opened by run {run_id} of partition {event.partition_date}: to be sent again"
+                retry["retry_since"] = None  # a fresh give_up_after_hours
+                counts["reopened"] += 1
+            elif event.status == PENDING and row["status"] == REJECTED:
                 fields["reason"] = "source row changed since the rejection: to be sent again"
-            updates.append({**fields, "b_key": event.event_key, "status": status})
+            if reopen:
+                retry["next_attempt_at"] = None  # a run of its own partition sends it now
+            fields.update(retry)
+            updates.append({**fields, "b_key": event.event_key, "status": event.status})
             counts["reevaluated"] += 1
         if event.status == PENDING:
             bodies[event.event_key] = json.dumps(event.payload, ensure_ascii=False)
@@ -179,12 +182,15 @@ def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict],
 
 
 def reconcile(engine: Engine, events: list[LeadEvent], day: date, sources: Iterable[str], run_id: str,
-              wait_days: float, now: datetime | None = None) -> Counter:
+              wait_days: float, now: datetime | None = None, *, reopen: bool = False,
+              close_missing: bool = True) -> Counter:
     """Record one partition's mapped events against what is already on record.
 
     Delivered events are never touched again; a rejected one is reopened only when its
-    body changed; everything else is re-evaluated from the rows just read. Open events
-    of this partition that the warehouse no longer yields are closed as skipped.
+    body changed; a failed one only when `reopen` (a run of its own partition); everything
+    else is re-evaluated from the rows just read. With `close_missing`, pending events of
+    this partition that the warehouse no longer yields are closed as skipped (only when
+    the events given are all of the partition's rows, not a look-back's new ones).
     """
     now = now or utcnow()
     counts: Counter = Counter()
@@ -192,15 +198,17 @@ def reconcile(engine: Engine, events: list[LeadEvent], day: date, sources: Itera
     confirms = [e for e in events if e.tracking == DEFERRED_CONFIRM]
     with engine.begin() as conn:
         existing = _load(conn, [e.event_key for e in events])
-        _apply(conn, firsts, existing, run_id, now, counts)
+        _apply(conn, firsts, existing, run_id, now, counts, reopen)
         judge = Judge(wait_days, now)
         waiting = [e for e in confirms if e.status == PENDING]
         by_customer = _first_events_by_customer(conn, sorted({e.customer_external_id for e in waiting}))
         for event in waiting:
             row = existing.get(event.event_key)
             judge(event, by_customer.get(event.customer_external_id, []), as_utc(row["created_at"]) if row else None)
-        _apply(conn, confirms, existing, run_id, now, counts)
-        counts["closed_missing"] += _close_missing(conn, day, list(sources), {e.event_key for e in events}, run_id, now)
+        _apply(conn, confirms, existing, run_id, now, counts, reopen)
+        if close_missing:
+            counts["closed_missing"] += _close_missing(conn, day, list(sources), {e.event_key for e in events},
+                                                       run_id, now)
     return counts
 
 
@@ -209,7 +217,7 @@ def _close_missing(conn: Connection, day: date, sources: list[str], seen: set[st
     query = select(deliveries.c.event_key).where(
         deliveries.c.partition_date == day,
         deliveries.c.source.in_(sources),
-        deliveries.c.status.in_(OPEN_STATUSES),
+        deliveries.c.status == PENDING,
         deliveries.c.inflight_until.is_(None),
     )
     gone = [k for (k,) in conn.execute(query) if k not in seen]
@@ -222,158 +230,3 @@ def _close_missing(conn: Connection, day: date, sources: list[str], seen: set[st
         )
     _drop_outbox(conn, gone)
     return len(gone)
-
-
-# --- sending -------------------------------------------------------------------------
-
-def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = CHUNK) -> list[str]:
-    """Open events with a body to send, no sender on them and no attempt since the given time.
-
-    Oldest first. Event 2 of a deferred flow qualifies only once its event 1 is delivered.
-    """
-    first = deliveries.alias("first")
-    query = (
-        select(deliveries.c.event_key)
-        .join(outbox, outbox.c.event_key == deliveries.c.event_key)
-        .where(
-            deliveries.c.status.in_(OPEN_STATUSES),
-            deliveries.c.inflight_until.is_(None),
-            or_(deliveries.c.last_attempt_at.is_(None), deliveries.c.last_attempt_at < not_tried_since),
-        )
-        .order_by(deliveries.c.event_time, deliveries.c.event_key)
-        .limit(limit)
-    )
-    if confirms:
-        query = query.where(
-            deliveries.c.tracking == DEFERRED_CONFIRM,
-            exists().where(
-                first.c.customer_external_id == deliveries.c.customer_external_id,
-                first.c.tracking == DEFERRED_START,
-                first.c.status == DELIVERED,
-            ),
-        )
-    else:
-        query = query.where(deliveries.c.tracking.in_(EVENT_ONE))
-    with engine.connect() as conn:
-        return [k for (k,) in conn.execute(query)]
-
-
-def outbox_body(engine: Engine, key: str) -> dict | None:
-    with engine.connect() as conn:
-        body = conn.execute(select(outbox.c.body).where(outbox.c.event_key == key)).scalar()
-    return None if body is None else json.loads(body)
-
-
-def claim(engine: Engine, key: str, run_id: str, lease_seconds: float) -> int | None:
-    """Take an open event for one request; returns the attempt number, or None if taken or closed."""
-    now = utcnow()
-    with engine.begin() as conn:
-        taken = conn.execute(
-            update(deliveries)
-            .where(
-                deliveries.c.event_key == key,
-                deliveries.c.status.in_(OPEN_STATUSES),
-                deliveries.c.inflight_until.is_(None),
-            )
-            .values(
-                attempts=deliveries.c.attempts + 1,
-                inflight_run_id=run_id,
-                inflight_until=now + timedelta(seconds=lease_seconds),
-                first_attempt_at=func.coalesce(deliveries.c.first_attempt_at, now),
-                last_attempt_at=now,
-                last_run_id=run_id,
-                updated_at=now,
-            )
-        ).rowcount
-        if taken != 1:
-            return None
-        return conn.execute(select(deliveries.c.attempts).where(deliveries.c.event_key == key)).scalar_one()
-
-
-@dataclass
-class Outcome:
-    """One attempt's result, as the sender decided it."""
-
-    outcome: str  # delivered | rejected | retry | failed | credentials | unknown
-    http_status: int | None
-    latency_ms: int | None
-    error: str | None
-    response: str | None
-    status: str | None  # new event status, None to keep it open as it is
-    reason: str | None
-    retry_after: float | None = None  # seconds the API asked us to wait
-
-
-def record(engine: Engine, key: str, attempt: int, run_id: str, sent_at: datetime, result: Outcome) -> None:
-    """Commit one attempt: the append-only attempt row and the event's new state, together."""
-    now = utcnow()
-    values: dict = {
-        "inflight_run_id": None,
-        "inflight_until": None,
-        "http_status": result.http_status,
-        "updated_at": now,
-    }
-    if result.response is not None:
-        values["response"] = result.response[:RESPONSE_CHARS]
-    if result.status is not None:
-        values["status"] = result.status
-        values["reason"] = result.reason
-        if result.status == DELIVERED:
-            values["delivered_at"] = now
-    elif result.reason is not None:
-        values["reason"] = result.reason
-    with engine.begin() as conn:
-        conn.execute(
-            insert(attempts).values(
-                event_key=key, attempt=attempt, run_id=run_id, sent_at=sent_at, http_status=result.http_status,
-                latency_ms=result.latency_ms, outcome=result.outcome, error=result.error,
-            )
-        )
-        conn.execute(update(deliveries).where(deliveries.c.event_key == key).values(**values))
-        if result.status in (DELIVERED, REJECTED):
-            conn.execute(delete(outbox).where(outbox.c.event_key == key))
-
-
-def release(engine: Engine, key: str) -> None:
-    """Give back a claim whose request was never sent."""
-    with engine.begin() as conn:
-        conn.execute(
-            update(deliveries)
-            .where(deliveries.c.event_key == key)
-            .values(attempts=deliveries.c.attempts - 1, inflight_run_id=None, inflight_until=None)
-        )
-
-
-def recover_abandoned(engine: Engine, run_id: str) -> int:
-    """Events whose sender died with a request on the wire: audit the unknown outcome, reopen them."""
-    now = utcnow()
-    with engine.begin() as conn:
-        rows = conn.execute(
-            select(deliveries.c.event_key, deliveries.c.attempts, deliveries.c.inflight_run_id,
-                   deliveries.c.last_attempt_at)
-            .where(deliveries.c.inflight_until.is_not(None), deliveries.c.inflight_until < now)
-        ).mappings().all()
-        for row in rows:
-            conn.execute(
-                insert(attempts).values(
-                    event_key=row["event_key"], attempt=row["attempts"], run_id=row["inflight_run_id"],
-                    sent_at=as_utc(row["last_attempt_at"]) or now, http_status=None, latency_ms=None,
-                    outcome=UNKNOWN,
-                    error=f"outcome unknown: the sender stopped with this request in flight; "
-                          f"found by run {run_id}, the event is sent again",
-                )
-            )
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.event_key == row["event_key"])
-                .values(inflight_run_id=None, inflight_until=None, updated_at=now,
-                        reason="an earlier request's outcome is unknown (sender stopped); sent again")
-            )
-    return len(rows)
-
-
-def next_lease_expiry(engine: Engine) -> datetime | None:
-    with engine.connect() as conn:
-        return as_utc(conn.execute(
-            select(func.min(deliveries.c.inflight_until)).where(deliveries.c.status.in_(OPEN_STATUSES))
-        ).scalar())

@@ -8,7 +8,7 @@ from sqlalchemy.engine import Engine
 
 from lead_sync.client import CutMeShortClient
 from lead_sync.ratelimit import bucket_name
-from lead_sync.settings import ApiSettings, parse_api_settings
+from lead_sync.settings import ApiSettings, ApiTarget, parse_api_settings
 from lead_sync.sources import prepare_engine
 
 
@@ -60,6 +60,10 @@ class CutMeShortHook(BaseHook):
     def get_conn(self) -> CutMeShortClient:
         settings = self.settings
         return CutMeShortClient(self.base_url, self._token(), settings.timeout_seconds, settings.allow_insecure_http)
+
+    def target(self) -> ApiTarget:
+        """What the core's send stage needs (`lead_sync.pipeline.send`)."""
+        return ApiTarget(self.base_url, self._token(), self.settings, self.cutmeshort_conn_id)
 
     def rate_bucket(self) -> str:
         return bucket_name(self.base_url, self._token())

@@ -1,18 +1,27 @@
 """Operators: read the run's context, call one stage of the core, hand back a small summary."""
 from __future__ import annotations
 
+from datetime import date
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
-from lead_sync import pipeline
-from lead_sync.config import load_config
+from lead_sync import claims, pipeline
+from lead_sync.audit import ensure_schema
+from lead_sync.clock import utcnow
+from lead_sync.config import ConfigError, load_config
 from lead_sync.delivery import CredentialsRefused
+from lead_sync.mapping import SourceShapeError
 from lead_sync.partition import Partition, resolve_partition
-from lead_sync.ratelimit import SharedRateLimiter
+from lead_sync.sources import prepare_engine
 
 from lead_sync_airflow.hooks import CutMeShortHook, warehouse_engine
+from lead_sync_airflow.notify import raise_alerts
+
+# The audit's run id: the DAG run's id. Every DAG but the nightly sync prefixes it with its
+# DAG id, as two DAGs' scheduled runs can share an id.
+RUN_LABEL = "{{ run_id if dag.dag_id == 'lead_events_sync' else dag.dag_id ~ '/' ~ run_id }}"
 
 
 def partition_of(context: Any, zone) -> Partition:
@@ -24,72 +33,126 @@ def partition_of(context: Any, zone) -> Partition:
 
 
 class ExtractLeadEventsOperator(BaseOperator):
-    """Reads the partition (and every partition with open events) and records the mapped lead events."""
+    """Reads the partition, its look-back days and every partition with pending events; records the mapped events.
 
-    template_fields: Sequence[str] = ("warehouse_conn_id",)
+    Safe to repeat: Airflow's task retries cover transient warehouse errors; a bad
+    configuration or source query fails at once instead.
+    """
 
-    def __init__(self, *, warehouse_conn_id: str = "warehouse_default", **kwargs: Any) -> None:
+    template_fields: Sequence[str] = ("warehouse_conn_id", "run_label")
+
+    def __init__(self, *, warehouse_conn_id: str = "warehouse_default", run_label: str = RUN_LABEL,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.warehouse_conn_id = warehouse_conn_id
+        self.run_label = run_label
 
     def execute(self, context: Any) -> dict:
-        config = load_config()
-        partition = partition_of(context, config.zone)
-        self.log.info("syncing partition %s (%s)", partition.day, config.partition_timezone)
-        return pipeline.extract_and_map(warehouse_engine(self.warehouse_conn_id), config, partition, context["run_id"])
+        try:
+            config = load_config()
+            partition = partition_of(context, config.zone)
+        except (ConfigError, ValueError) as exc:
+            raise AirflowFailException(str(exc)) from None
+        self.log.info("syncing partition %s (%s), look-back %d day(s)", partition.day, config.partition_timezone,
+                      config.lookback_days)
+        try:
+            return pipeline.extract_and_map(warehouse_engine(self.warehouse_conn_id), config, partition,
+                                            self.run_label, self.dag_id)
+        except (ConfigError, SourceShapeError) as exc:
+            raise AirflowFailException(str(exc)) from None
 
 
 class SendLeadEventsOperator(BaseOperator):
-    """Sends every open lead event within the rate limit and the run's time budget."""
+    """Sends every open lead event within the rate limit and the run's time budget.
 
-    template_fields: Sequence[str] = ("warehouse_conn_id", "cutmeshort_conn_id", "time_budget_seconds")
+    With `only_when_open`, a run that finds nothing to send is skipped (the drain's idle runs).
+    """
+
+    template_fields: Sequence[str] = ("warehouse_conn_id", "cutmeshort_conn_id", "time_budget_seconds", "run_label")
 
     def __init__(self, *, warehouse_conn_id: str = "warehouse_default",
                  cutmeshort_conn_id: str = "cutmeshort_default",
-                 time_budget_seconds: float | str = 3300, **kwargs: Any) -> None:
+                 time_budget_seconds: float | str = 3300, run_label: str = RUN_LABEL,
+                 only_when_open: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.warehouse_conn_id = warehouse_conn_id
         self.cutmeshort_conn_id = cutmeshort_conn_id
         self.time_budget_seconds = time_budget_seconds
+        self.run_label = run_label
+        self.only_when_open = only_when_open
 
     def execute(self, context: Any) -> dict:
-        hook = CutMeShortHook(self.cutmeshort_conn_id)
-        settings = hook.settings
+        api = CutMeShortHook(self.cutmeshort_conn_id).target()
         engine = warehouse_engine(self.warehouse_conn_id)
-        limiter = SharedRateLimiter(engine, hook.rate_bucket(), settings.rate_limit_per_minute)
-        with hook.get_conn() as client:
-            try:
-                report = pipeline.send_open_events(
-                    engine, client, limiter, settings.retry_policy, context["run_id"],
-                    float(self.time_budget_seconds), self.cutmeshort_conn_id,
-                )
-            except CredentialsRefused as exc:
-                raise AirflowFailException(str(exc)) from None
-        self.log.info("sent %d request(s): %d delivered, %d rejected, %d failed%s", report.requests,
-                      report.delivered, report.rejected, report.failed,
+        if self.only_when_open:
+            ensure_schema(prepare_engine(engine))
+            if not claims.has_sendable(engine):
+                raise AirflowSkipException("nothing is open: no event to send")
+            pipeline.start_run(engine, self.run_label, _today(), self.dag_id)
+        try:
+            report = pipeline.send(engine, api, self.run_label, float(self.time_budget_seconds))
+        except CredentialsRefused as exc:
+            raise AirflowFailException(str(exc)) from None
+        self.log.info("sent %d request(s): %d delivered, %d rejected, %d gave up, %d left for a later run%s",
+                      report.requests, report.delivered, report.rejected, report.failed, report.left_open,
                       "; time budget used up, the rest stays pending" if report.budget_exhausted else "")
         if report.failed:
-            raise AirflowException(f"{report.failed} event(s) failed after all attempts; the next run retries them")
+            raise AirflowException(f"{report.failed} event(s) gave up after give_up_after_hours of retries "
+                                   "(status failed); a run of their partition re-opens them")
         return {"requests": report.requests, "delivered": report.delivered, "rejected": report.rejected,
-                "failed": report.failed, "budget_exhausted": report.budget_exhausted,
-                "recovered_unknown": report.recovered_unknown}
+                "failed": report.failed, "left_open": report.left_open,
+                "budget_exhausted": report.budget_exhausted, "recovered_unknown": report.recovered_unknown}
+
+
+def _today() -> date:
+    return utcnow().date()
 
 
 class LeadEventsSummaryOperator(BaseOperator):
-    """Writes the run's row in lead_event_sync_runs, logs counts per status, fails a failed run."""
+    """Writes the run's row in lead_event_sync_runs, logs counts per status and raises the alerts.
 
-    template_fields: Sequence[str] = ("warehouse_conn_id",)
+    It succeeds whatever the run's outcome, so that its outlet (the Asset
+    `lead_event_deliveries`) is updated by every run that changed the audit; the
+    `check_outcome` task after it fails a failed run. It fails itself when an alert
+    cannot be sent, loudly, after the audit is written.
+    """
 
-    def __init__(self, *, warehouse_conn_id: str = "warehouse_default", **kwargs: Any) -> None:
+    template_fields: Sequence[str] = ("warehouse_conn_id", "run_label")
+
+    def __init__(self, *, warehouse_conn_id: str = "warehouse_default", run_label: str = RUN_LABEL,
+                 whole_partition: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", "all_done")
         super().__init__(**kwargs)
         self.warehouse_conn_id = warehouse_conn_id
+        self.run_label = run_label
+        self.whole_partition = whole_partition
 
     def execute(self, context: Any) -> dict:
         config = load_config()
-        summary = pipeline.summarise(warehouse_engine(self.warehouse_conn_id), context["run_id"],
-                                     partition_of(context, config.zone))
+        engine = warehouse_engine(self.warehouse_conn_id)
+        day = partition_of(context, config.zone).day if self.whole_partition else _run_day(engine, self.run_label)
+        summary = pipeline.summarise(engine, self.run_label, day, self.dag_id, self.whole_partition)
         self.log.info("\n%s", summary.table())
-        if summary.outcome != "success":
-            raise AirflowFailException(summary.message or "the run failed")
-        return {"outcome": summary.outcome, **summary.counts, "requests": summary.requests_sent}
+        try:
+            raise_alerts(engine, config.alerts, summary, context)
+        except RuntimeError as exc:  # the audit is written; the next run raises the alert again
+            raise AirflowFailException(f"run {summary.outcome}, but an alert could not be sent: {exc}") from None
+        return {"outcome": summary.outcome, "message": summary.message, **summary.counts,
+                "requests": summary.requests_sent}
+
+
+def _run_day(engine, run_id: str) -> date:
+    return pipeline.run_partition_day(engine, run_id) or _today()
+
+
+class CheckOutcomeOperator(BaseOperator):
+    """Fails the DAG run when the summary found it failed (an event gave up, credentials refused, ...)."""
+
+    def __init__(self, *, summary_task_id: str = "audit_summary", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.summary_task_id = summary_task_id
+
+    def execute(self, context: Any) -> None:
+        result = context["ti"].xcom_pull(task_ids=self.summary_task_id) or {}
+        if result.get("outcome") != "success":
+            raise AirflowFailException(result.get("message") or "the run failed (see audit_summary)")

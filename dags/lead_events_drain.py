@@ -1,0 +1,45 @@
+"""Sends what the nightly runs left open (time budget, rate limit, retries), every 5 minutes.
+
+An idle run (nothing pending and due) is skipped at once and writes nothing. A run that
+sends writes its row in lead_event_sync_runs under "lead_events_drain/<run id>", with the
+events it touched, and updates the Asset `lead_event_deliveries`. One run at a time; the
+rate limit and the claims are shared with every other sender.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from airflow.sdk import Param, dag
+from airflow.timetables.trigger import CronTriggerTimetable
+
+from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
+from lead_sync_airflow.operators import CheckOutcomeOperator, LeadEventsSummaryOperator, SendLeadEventsOperator
+
+
+@dag(
+    dag_id="lead_events_drain",
+    schedule=CronTriggerTimetable("*/5 * * * *", timezone="UTC"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params={
+        "time_budget_seconds": Param(1200, type="integer", minimum=1,
+                                     description="Sending stops after this long; the next run goes on."),
+    },
+    default_args={"retries": 0},
+    tags=["cutmeshort", "leads"],
+    doc_md=__doc__,
+)
+def lead_events_drain():
+    send = SendLeadEventsOperator(
+        task_id="send_open_events",
+        pool="cutmeshort_api",
+        only_when_open=True,
+        time_budget_seconds="{{ params.time_budget_seconds }}",
+    )
+    summary = LeadEventsSummaryOperator(task_id="audit_summary", whole_partition=False, trigger_rule="none_skipped",
+                                        outlets=[LEAD_EVENT_DELIVERIES], retries=2)
+    send >> summary >> CheckOutcomeOperator(task_id="check_outcome")
+
+
+lead_events_drain()
