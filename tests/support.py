@@ -124,3 +124,17 @@ def drop_pg_database(name: str) -> None:
 
 def cutmeshort_conn(url: str, token: str = TOKEN, **extra) -> str:
     return json.dumps({"conn_type": "http", "host": url, "password": token, "extra": extra})
+
+
+def write_sources(folder: Path, demo: bool = False, **settings) -> Path:
+    """The shipped lead-source configuration with some settings changed (e.g. lookback_days=0)."""
+    import yaml
+
+    shipped = ROOT / "include" / "sources" / ("demo_lead_sources.yaml" if demo else "lead_sources.yaml")
+    raw = yaml.safe_load(shipped.read_text())
+    for source in raw["sources"]:
+        source["sql"] = str(shipped.parent / source["sql"])
+    raw.update(settings)
+    path = folder / "lead_sources.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path

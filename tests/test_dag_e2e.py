@@ -7,7 +7,7 @@ import pytest
 from cutmeshort.models.lead_payload import LeadPayload
 
 from dagrun import run_dag
-from support import signups, verifications
+from support import signups, verifications, write_sources
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -76,7 +76,8 @@ def test_partition_sync_end_to_end(warehouse, sandbox):
     assert len(sandbox.requests()) == 3
 
 
-def test_partition_date_conf_and_event_two_in_a_later_run(warehouse, sandbox):
+def test_partition_date_conf_and_event_two_in_a_later_run(warehouse, sandbox, tmp_path):
+    no_lookback = write_sources(tmp_path, lookback_days=0)  # so that the 29th's run leaves the 28th alone
     seed_basic(warehouse)
     warehouse.add(verifications, dict(customer_external_id="4", event_name="email_verified",
                                       verified_at=T("2026-11-28 11:00:00+00:00")))
@@ -86,12 +87,13 @@ def test_partition_date_conf_and_event_two_in_a_later_run(warehouse, sandbox):
     warehouse.add(verifications, dict(customer_external_id="5", event_name="phone_verified",
                                       verified_at=T("2026-11-29 00:01:00+00:00")))
     # Verification day first (out of order): event 2 of customer 5 must wait for its event 1.
-    assert run_dag(warehouse, sandbox.url, logical_date=None, conf={"partition_date": "2026-11-29"}) == "success"
+    assert run_dag(warehouse, sandbox.url, logical_date=None, conf={"partition_date": "2026-11-29"},
+                   sources=no_lookback) == "success"
     assert sandbox.leads() == []
     waiting = warehouse.deliveries()[("5", "phone_verified")]
     assert waiting["status"] == "pending" and "waiting for event 1" in waiting["reason"]
 
-    assert run_dag(warehouse, sandbox.url, conf={"partition_date": "2026-11-28"}) == "success"
+    assert run_dag(warehouse, sandbox.url, conf={"partition_date": "2026-11-28"}, sources=no_lookback) == "success"
     sent = [(l["customerExternalId"], l["eventName"]) for l in sandbox.leads()]
     assert sent == [("4", "signup_started"), ("5", "signup_started"), ("5", "phone_verified")]
     audit = warehouse.deliveries()
