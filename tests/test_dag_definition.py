@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pendulum
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
@@ -10,19 +11,45 @@ from support import ROOT
 
 
 @pytest.fixture(scope="module")
-def dag():
+def bag():
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert list(bag.dags) == ["lead_events_sync"]
+    assert sorted(bag.dags) == ["lead_events_drain", "lead_events_sync"]
+    return bag
+
+
+@pytest.fixture(scope="module")
+def dag(bag):
     return bag.dags["lead_events_sync"]
 
 
 def test_tasks_and_wiring(dag):
-    assert [t.task_id for t in dag.topological_sort()] == ["extract_and_map", "send_lead_events", "audit_summary"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "extract_and_map", "send_lead_events", "audit_summary", "check_outcome"]
     send = dag.get_task("send_lead_events")
     assert send.pool == "cutmeshort_api"
-    assert dag.get_task("audit_summary").trigger_rule == "all_done"
+    summary = dag.get_task("audit_summary")
+    assert summary.trigger_rule == "all_done"
+    # The summary succeeds on a failed run too, so that the Asset is updated; check_outcome fails the run.
+    assert [a.name for a in summary.outlets] == ["lead_event_deliveries"]
+    assert dag.get_task("check_outcome").trigger_rule == "all_success"
     assert dag.max_active_runs == 1
+    # Safe to repeat: reading, mapping and the summary retry on transient errors; sending does not.
+    assert (dag.get_task("extract_and_map").retries, summary.retries, send.retries) == (2, 2, 0)
+
+
+def test_drain_sends_what_is_open_every_five_minutes(bag):
+    drain = bag.dags["lead_events_drain"]
+    assert [t.task_id for t in drain.topological_sort()] == ["send_open_events", "audit_summary", "check_outcome"]
+    send = drain.get_task("send_open_events")
+    assert send.pool == "cutmeshort_api" and send.only_when_open
+    summary = drain.get_task("audit_summary")
+    assert summary.trigger_rule == "none_skipped" and not summary.whole_partition
+    assert [a.name for a in summary.outlets] == ["lead_event_deliveries"]
+    assert drain.max_active_runs == 1 and not drain.catchup
+    after = pendulum.datetime(2026, 11, 28, 10, 2, tz="UTC")
+    nxt = drain.timetable.next_dagrun_info(last_automated_data_interval=None, restriction=_no_restriction(after))
+    assert nxt.run_after == datetime(2026, 11, 28, 10, 5, tzinfo=timezone.utc)
 
 
 def test_daily_data_interval_schedule(dag):
@@ -34,10 +61,10 @@ def test_daily_data_interval_schedule(dag):
     assert nxt.run_after == datetime(2026, 11, 29, tzinfo=timezone.utc)  # fires after the day has ended
 
 
-def _no_restriction():
+def _no_restriction(earliest=None):
     from airflow.timetables.base import TimeRestriction
 
-    return TimeRestriction(earliest=None, latest=None, catchup=True)
+    return TimeRestriction(earliest=earliest, latest=None, catchup=True)
 
 
 def test_params(dag):

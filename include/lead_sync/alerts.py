@@ -6,7 +6,8 @@ key; no row = not firing):
 - `run_failed:<dag_id>`: the run failed; clears when a later run of that DAG succeeds.
 - `rejected_share:<dag_id>`: of the events this run's requests settled, the share rejected
   is above `alerts.rejected_share`; a run that settled nothing leaves it as it is.
-- `backlog`: some event has been pending for longer than `alerts.backlog_hours`.
+- `backlog`: some event has been pending for longer than `alerts.backlog_hours` (an event 2
+  still waiting for its event 1 does not count).
 
 A message goes out only when a condition changes state (alert, or recovery). `evaluate`
 says what to send and changes nothing; `mark_sent` records the alerts that were sent, so
@@ -24,27 +25,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Boolean, Column, String, Table, Text, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from .audit import TS, deliveries, ensure_schema, metadata
+from .audit import alert_state, deliveries, ensure_schema
 from .config import AlertsConfig
-from .events import DELIVERED, FAILED, PENDING, REJECTED, STATUSES
+from .events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, FAILED, PENDING, REJECTED, STATUSES
 
 if TYPE_CHECKING:
     from .pipeline import RunSummary
 
 log = logging.getLogger(__name__)
-
-alert_state = Table(
-    "lead_event_alert_state",
-    metadata,
-    Column("alert", String(250), primary_key=True),
-    Column("firing", Boolean, nullable=False),
-    Column("since", TS),  # when the current state began (raised, or cleared)
-    Column("notified_at", TS),  # when the message for it was sent
-    Column("detail", Text),  # what the last message said, in one line
-)
 
 RUN_FAILED = "run_failed"
 REJECTED_SHARE = "rejected_share"
@@ -93,9 +84,18 @@ def _load_state(conn: Connection) -> dict[str, _Stored]:
 
 
 def _backlog(conn: Connection, cutoff: datetime) -> tuple[int, datetime | None]:
+    # An event 2 whose event 1 is not delivered is waiting by design (verification_wait_days),
+    # not held up in sending: it is no backlog.
+    first = deliveries.alias("first")
+    event_one_delivered = exists().where(
+        first.c.customer_external_id == deliveries.c.customer_external_id,
+        first.c.tracking == DEFERRED_START,
+        first.c.status == DELIVERED,
+    )
     count, oldest = conn.execute(
         select(func.count(), func.min(deliveries.c.created_at))
-        .where(deliveries.c.status == PENDING, deliveries.c.created_at < cutoff)
+        .where(deliveries.c.status == PENDING, deliveries.c.created_at < cutoff,
+               or_(deliveries.c.tracking != DEFERRED_CONFIRM, event_one_delivered))
     ).one()
     return int(count), (_utc(oldest) if oldest is not None else None)
 

@@ -12,6 +12,7 @@ import time
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     inspect,
     Column,
     Date,
@@ -113,6 +114,17 @@ outbox = Table(
     metadata,
     Column("event_key", String(64), primary_key=True),
     Column("body", Text, nullable=False),
+)
+
+# Alerts raised and not yet recovered (see lead_sync.alerts): one row per alert key.
+alert_state = Table(
+    "lead_event_alert_state",
+    metadata,
+    Column("alert", String(250), primary_key=True),
+    Column("firing", Boolean, nullable=False),
+    Column("since", TS),  # when the current state began (raised, or cleared)
+    Column("notified_at", TS),  # when the message for it was sent
+    Column("detail", Text),  # what the last message said, in one line
 )
 
 rate_buckets = Table(
