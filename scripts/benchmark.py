@@ -24,11 +24,9 @@ from support import signups, source_metadata, verifications  # noqa: E402
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
 from lead_sync import pipeline  # noqa: E402
 from lead_sync.audit import metadata as audit_metadata  # noqa: E402
-from lead_sync.client import CutMeShortClient  # noqa: E402
 from lead_sync.config import load_config  # noqa: E402
 from lead_sync.partition import Partition  # noqa: E402
-from lead_sync.ratelimit import SharedRateLimiter  # noqa: E402
-from lead_sync.retry import RetryPolicy  # noqa: E402
+from lead_sync.settings import ApiSettings, ApiTarget  # noqa: E402
 
 DAY = date(2026, 11, 27)
 
@@ -67,12 +65,10 @@ def main() -> None:
     events = extracted["new"]
 
     with SandboxServer(port=0, token="bench", rate_limit_per_minute=0) as sandbox:
-        client = CutMeShortClient(sandbox.url, "bench", timeout_seconds=10)
-        limiter = SharedRateLimiter(engine, "bench", 10_000_000)
+        api = ApiTarget(sandbox.url, "bench", ApiSettings(rate_limit_per_minute=10_000_000))
         started = time.perf_counter()
-        report = pipeline.send_open_events(engine, client, limiter, RetryPolicy(), "bench", 3600, "cutmeshort_default")
+        report = pipeline.send(engine, api, "bench", 3600)
         send_s = time.perf_counter() - started
-        client.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"warehouse      {engine.dialect.name}")
     print(f"source rows    {args.rows} signups + {events - args.rows} verifications")

@@ -17,18 +17,16 @@ from datetime import date
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import seed  # noqa: E402
 from cutmeshort_sandbox.process import SandboxProcess
 from lead_sync import pipeline
 from lead_sync.audit import deliveries
-from lead_sync.client import CutMeShortClient
 from lead_sync.config import load_config
 from lead_sync.partition import Partition
-from lead_sync.ratelimit import SharedRateLimiter
-from lead_sync.retry import RetryPolicy
+from lead_sync.settings import ApiSettings, ApiTarget
 
 FAULTS = {"burst_429": {"count": 5, "retry_after": 2}, "error_rate": 0.1, "error_status": 503,
           "slow_rate": 0.04, "slow_ms": 1500, "reset_rate": 0.04, "seed": 11}
@@ -46,19 +44,20 @@ def main() -> None:
     partition = Partition(date(2026, 11, 27), ZoneInfo("UTC"))
     started = time.monotonic()
     with SandboxProcess(token="campaign", rate_limit_per_minute=args.rate, faults=FAULTS) as sandbox:
-        client = CutMeShortClient(sandbox.url, "campaign", timeout_seconds=1.0)
-        limiter = SharedRateLimiter(engine, "campaign", args.rate)
-        policy = RetryPolicy(max_attempts=4, backoff_base_seconds=0.2, backoff_max_seconds=2)
-        for run in range(1, 6):  # like successive nightly runs: failed events are retried by the next
+        api = ApiTarget(sandbox.url, "campaign", ApiSettings(
+            rate_limit_per_minute=args.rate, timeout_seconds=1.0, max_attempts=4, backoff_base_seconds=0.2,
+            backoff_max_seconds=2))
+        for run in range(1, 6):  # like successive runs: what one leaves open, the next retries
             run_id = f"campaign-{run}"
             pipeline.extract_and_map(engine, config, partition, run_id)
-            pipeline.send_open_events(engine, client, limiter, policy, run_id, 3600, "cutmeshort_default")
-            with engine.connect() as conn:
-                open_left = conn.execute(select(func.count()).where(deliveries.c.status.in_(("pending", "failed")))).scalar()
+            pipeline.send(engine, api, run_id, 3600)
+            with engine.begin() as conn:
+                open_left = conn.execute(select(func.count()).where(deliveries.c.status == "pending")).scalar()
+                # As if the wait before the next run's retry (next_attempt_at) had passed.
+                conn.execute(update(deliveries).values(next_attempt_at=None))
             if not open_left:
                 break
         requests, stats = sandbox.requests(), sandbox.stats()
-        client.close()
     with engine.connect() as conn:
         audit = dict(conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status)).all())
         expected = conn.execute(select(func.count()).select_from(deliveries)).scalar()

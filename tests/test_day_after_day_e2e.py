@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 import os
 import re
 import threading
@@ -31,6 +30,8 @@ pytestmark = pytest.mark.usefixtures("airflow_db")
 
 NIGHTLY = "lead_events_sync"
 FAST = dict(timeout_seconds=1, backoff_base_seconds=0.05, backoff_max_seconds=0.3)
+# An event refused with a 5xx gives up (status failed) at its second attempt: the run fails.
+GIVE_UP = dict(max_attempts=2, give_up_after_hours=1e-7, **FAST)
 RECIPIENTS = ["data@example.com", "ops@example.com"]
 ALERTS = {"email": ["ops@example.com", "data@example.com"], "rejected_share": 0.05, "backlog_hours": 24}
 
@@ -69,6 +70,7 @@ def seed(wh: Warehouse, count: int, day: str = "2026-11-27") -> int:
 
 class Run:
     def __init__(self, dag_run) -> None:
+        from airflow.models.asset import AssetEvent
         from airflow.models.taskinstance import TaskInstance
         from airflow.utils.session import create_session
 
@@ -79,6 +81,9 @@ class Run:
             tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_run.dag_id,
                                                              TaskInstance.run_id == dag_run.run_id)).all()
             self.tasks = {ti.task_id: (str(getattr(ti.state, "value", ti.state)), ti.try_number) for ti in tis}
+            events = session.scalars(select(AssetEvent).where(AssetEvent.source_dag_id == dag_run.dag_id,
+                                                              AssetEvent.source_run_id == dag_run.run_id)).all()
+            self.asset_events = len(events)
 
     def task_state(self, task_id: str) -> str:
         return self.tasks[task_id][0]
@@ -227,23 +232,22 @@ def test_rejected_share_over_the_threshold_alerts(warehouse, sandbox, mail, tmp_
 # --- 2. the mail server is down --------------------------------------------------------------
 
 def test_smtp_down_fails_the_summary_loudly_loses_nothing_and_the_alert_comes_later(
-        warehouse, sandbox, smtp_server, tmp_path, monkeypatch, caplog):  # noqa: F811
+        warehouse, sandbox, smtp_server, tmp_path, monkeypatch, capfd):  # noqa: F811
     config = write_sources(tmp_path, alerts=ALERTS)
     total = seed(warehouse, 5)
     sandbox.set_faults({"permanent_errors": {"2": 500}})  # event 2 gives up: the run fails
     monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", smtp_conn(free_port()))  # nothing listens there
 
-    with caplog.at_level(logging.INFO):
-        first = run(warehouse, sandbox.url, sources=config, max_attempts=2, **FAST)
+    capfd.readouterr()
+    first = run(warehouse, sandbox.url, sources=config, **GIVE_UP)
+    task_output = "".join(capfd.readouterr())  # the task runner prints a failed task's exception
     assert first.state == "failed"
     assert first.task_state("send_lead_events") == "failed"
     assert first.task_state("audit_summary") == "failed"
     assert first.task_state("check_outcome") == "upstream_failed"
     assert first.tasks["audit_summary"][1] == 1  # AirflowFailException: not retried
-    logged = "\n".join(r.getMessage() + "\n" + (caplog.text if r.exc_info else "") for r in caplog.records)
-    assert "run failed, but an alert could not be sent: 1 of 1 alert(s) could not be sent (e-mail: 1 failed)" \
-        in caplog.text, logged[-3000:]
-    assert "AirflowFailException" in caplog.text
+    assert ("AirflowFailException: run failed, but an alert could not be sent: 1 of 1 alert(s) could not be sent "
+            "(e-mail: 1 failed)") in task_output
     # The audit is written all the same.
     row = run_row(warehouse, first.run_id)
     assert row["outcome"] == "failed" and row["finished_at"] is not None
@@ -258,7 +262,7 @@ def test_smtp_down_fails_the_summary_loudly_loses_nothing_and_the_alert_comes_la
     inbox, port = smtp_server
     monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", smtp_conn(port))
     second = run(warehouse, sandbox.url, logical_date=None, conf={"partition_date": "2026-11-27"}, sources=config,
-                 max_attempts=2, **FAST)
+                 **GIVE_UP)
     assert second.state == "failed" and second.task_state("audit_summary") == "success"
     new = sandbox.requests()[requests_before:]
     assert [r["body"]["customerExternalId"] for r in new] == ["2", "2"]  # no delivered lead sent twice
@@ -272,12 +276,28 @@ def test_smtp_down_fails_the_summary_loudly_loses_nothing_and_the_alert_comes_la
     # The API takes event 2: every lead delivered exactly once, and the recovery is told.
     sandbox.set_faults({"permanent_errors": {}})
     third = run(warehouse, sandbox.url, logical_date=None, conf={"partition_date": "2026-11-27"}, sources=config,
-                max_attempts=2, **FAST)
+                **GIVE_UP)
     assert third.state == "success"
     counts = lead_counts(sandbox)
     assert len(counts) == total and set(counts.values()) == {1}
     assert [m[1] for m in read(inbox)][1:] == [f"[{NIGHTLY}] RECOVERED: run failed: cleared (partition 2026-11-27)"]
+    assert (second.asset_events, third.asset_events) == (1, 1)  # lead_event_deliveries, for downstream DAGs
     assert_nothing_secret(read(inbox))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: LeadEventsSummaryOperator (plugins/lead_sync_airflow/operators.py) raises AirflowFailException "
+    "when an alert cannot be sent, so its outlet, the Asset lead_event_deliveries, is not updated although the run "
+    "changed the audit (spec section 8, Downstream)"))
+def test_a_run_whose_alert_cannot_be_sent_still_updates_the_asset(sqlite_warehouse, sandbox, tmp_path, monkeypatch):
+    config = write_sources(tmp_path, alerts=ALERTS)
+    total = seed(sqlite_warehouse, 3)
+    sandbox.set_faults({"permanent_errors": {"2": 500}})
+    monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", smtp_conn(free_port()))  # nothing listens there
+    result = run(sqlite_warehouse, sandbox.url, sources=config, **GIVE_UP)
+    assert result.task_state("audit_summary") == "failed"
+    assert len(lead_counts(sandbox)) == total - 1  # the run delivered events: the audit changed
+    assert result.asset_events == 1
 
 
 # --- 3. configuration errors at parse time; no alerts section ---------------------------------
@@ -333,7 +353,7 @@ def _allow_connections(database: str, allowed: bool) -> None:
 
 
 @pytest.mark.postgres
-def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sandbox):
+def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sandbox, capfd):
     total = seed(pg_warehouse, 4)
     name = pg_warehouse.url.database
     outage = {}
@@ -352,13 +372,16 @@ def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sa
         extract.retry_delay = timedelta(seconds=3)  # outlasts the 2 s outage; 30 s as shipped
         extract.on_execute_callback = [pull_the_plug]
 
+    capfd.readouterr()
     try:
         result = run(pg_warehouse, sandbox.url, adjust=adjust, **FAST)
+        task_output = "".join(capfd.readouterr())
     finally:
         if "timer" in outage:
             outage["timer"].join()
         _allow_connections(name, True)
     assert outage, "the outage never started"
+    assert f'database "{name}" is not currently accepting connections' in task_output  # what try 1 met
     assert result.state == "success", result.tasks
     assert result.tasks["extract_and_map"] == ("success", 2)
     assert all(try_number == 1 for task, (_, try_number) in result.tasks.items() if task != "extract_and_map")

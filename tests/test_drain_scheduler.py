@@ -194,7 +194,10 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
     logs = open(tmp_path / "services.log", "wb")
     services = [
         subprocess.Popen(["airflow", *cmd], env=env, stdout=logs, stderr=logs, start_new_session=True, cwd="/")
-        for cmd in (["api-server", "--host", "127.0.0.1", "--port", str(port)], ["scheduler"], ["dag-processor"])
+        # --skip-serve-logs: the scheduler's log server would listen on every interface, on the fixed
+        # port 8793; with LocalExecutor the API server reads the task logs from disk anyway.
+        for cmd in (["api-server", "--host", "127.0.0.1", "--port", str(port)], ["scheduler", "--skip-serve-logs"],
+                    ["dag-processor"])
     ]
     timeline: list[tuple[str, datetime]] = []
     try:
@@ -253,7 +256,8 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
             assert rows[run_id]["outcome"] == "success" and rows[run_id]["requests_sent"] == n, rows[run_id]
         nightly_last = max(at for r, _, at in sent if r == nightly)
         drain_first = min(at for r, _, at in sent if r in drained)
-        timeline += [("nightly run's last request", nightly_last),
+        nightly_first = min(at for r, _, at in sent if r == nightly)
+        timeline += [("nightly run's first request", nightly_first), ("nightly run's last request", nightly_last),
                      ("first drain run started (audit started_at)", min(rows[r]["started_at"] for r in drained)),
                      ("drain's first request", drain_first), ("last event delivered", last_delivered)]
         # Every event reached the API exactly once; the API never answered 429; no 60 s held more than the limit.
@@ -278,16 +282,14 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         assert ran_at > night["finished_at"]
         assert dag_run(DOWNSTREAM_DAG, after_nightly[0]["run_id"])["run_type"] == "asset_triggered"
         timeline.append(("downstream DAG ran (Asset of the nightly run)", ran_at))
-        drain_reports = [r for r in drained if downstream_of(r.split("/", 1)[1])]
 
         print("\n--- the whole daily allowance: timeline (UTC) ---")
         t0 = timeline[0][1]
-        for what, at in timeline:
+        for what, at in sorted(timeline, key=lambda item: item[1]):
             print(f"  {at:%H:%M:%S.%f}"[:-3] + f"  +{(at - t0).total_seconds():7.1f}s  {what}")
         print(f"  nightly sent {by_run[nightly]} (send_result {night['send_result']}); drain runs sent "
               f"{drained}; resumed {resumed_after:.0f}s after the nightly run ended; busiest 60 s: {busiest} "
-              f"requests (sandbox: {stats['max_requests_in_any_60s']}); downstream runs fed by a drain run: "
-              f"{len(drain_reports)}")
+              f"requests (sandbox: {stats['max_requests_in_any_60s']})")
 
         # ---- 3. giving up, final for automatic runs; re-opened by a run of the partition ---------------
         api.set_faults({"permanent_errors": {"555": 500, "556": 500}})
@@ -353,6 +355,15 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
             assert answers == [500] * 6 + [200], (customer, answers)
         assert 429 not in {r["status"] for r in api.requests()}
         assert wh.status_counts() == {"delivered": BACKLOG + 2}
+        # Every run that changed the audit updated the Asset, a failed one too; an idle drain run did not.
+        with meta.connect() as conn:
+            updated = set(conn.execute(text("SELECT source_dag_id, source_run_id FROM asset_event")).all())
+        writers = {("lead_events_drain", r.split("/", 1)[1]) if r.startswith("lead_events_drain/")
+                   else ("lead_events_sync", r) for r in audit_runs()}
+        assert updated == writers, (updated, writers)
+        assert ("lead_events_drain", "after-give-up") not in updated
+        for run_id in drained:
+            _wait(lambda: downstream_of(run_id.split("/", 1)[1]), 60, f"the downstream DAG to run after {run_id}")
         print(f"  part 3: gave up in {gave_up_in}; 555 re-opened by `tasks clear` of {part} and delivered by "
               f"{ev['555']['last_run_id']}; 556 by the rerun {rerun}; whole test {time.monotonic() - began:.0f}s")
     finally:

@@ -127,20 +127,30 @@ def test_permanent_422_is_rejected_once_and_resent_after_its_row_changes(pg_ware
     assert pg_warehouse.deliveries()[("2", "signup_started")]["status"] == "delivered"
 
 
-def test_permanent_5xx_fails_the_run_then_the_next_run_delivers(pg_warehouse, sandbox):
+def test_permanent_5xx_gives_up_fails_that_run_only_and_a_partition_rerun_reopens_it(pg_warehouse, sandbox):
     seed_day(pg_warehouse, "2026-11-27", 3, deferred_every=0)
     sandbox.set_faults({"permanent_errors": {"3": 500}})
-    assert run_dag(pg_warehouse, sandbox.url, max_attempts=3, **FAST) == "failed"
+    # give_up_after_hours so short (3.6 ms) that the run's last attempt is already past it.
+    quick = dict(max_attempts=3, give_up_after_hours=0.000001, **FAST)
+    assert run_dag(pg_warehouse, sandbox.url, **quick) == "failed"
     row = pg_warehouse.deliveries()[("3", "signup_started")]
-    assert (row["status"], row["attempts"]) == ("failed", 3)
-    assert pg_warehouse.runs()[0]["outcome"] == "failed"
+    assert (row["status"], row["attempts"]) == ("failed", 3) and row["reason"].startswith("gave up after")
+    (run,) = pg_warehouse.runs()
+    assert run["outcome"] == "failed" and "gave up" in run["message"]
     assert len(sandbox.requests()) == 2 + 3
 
+    # Final for automatic runs: the next nightly run does not retry it and is not failed by it.
     sandbox.set_faults({"permanent_errors": {}})
-    # The next day's run picks the failed event up, whatever its partition.
-    assert run_dag(pg_warehouse, sandbox.url, logical_date="2026-11-29", max_attempts=3, **FAST) == "success"
+    assert run_dag(pg_warehouse, sandbox.url, logical_date="2026-11-29", **quick) == "success"
+    assert len(sandbox.requests()) == 5
+    assert pg_warehouse.deliveries()[("3", "signup_started")]["status"] == "failed"
+
+    # A rerun of its partition re-opens it and sends it again.
+    assert run_dag(pg_warehouse, sandbox.url, conf={"partition_date": "2026-11-27"}, **quick) == "success"
     assert lead_counts(sandbox)[("3", "signup_started")] == 1
-    assert pg_warehouse.deliveries()[("3", "signup_started")]["status"] == "delivered"
+    again = pg_warehouse.deliveries()[("3", "signup_started")]
+    assert (again["status"], again["attempts"]) == ("delivered", 4)
+    assert len(sandbox.requests()) == 6
 
 
 def test_revoked_token_stops_at_once_and_a_good_token_delivers_everything(pg_warehouse, sandbox):

@@ -431,3 +431,65 @@ def test_shipped_sql_and_mapping_drop_rows_just_outside():
     before = (part.start - timedelta(microseconds=1)).astimezone(timezone(timedelta(hours=-5))).isoformat(sep=" ")
     after = part.end.astimezone(timezone(timedelta(hours=9))).isoformat(sep=" ")
     assert _rows_returned("Asia/Tokyo", [before, after]) == []
+
+
+# --- look-back and alerts -------------------------------------------------------------------
+
+ONE_SOURCE = """
+sources:
+  - {name: signups, kind: signup, event_name: signup_started, sql: q.sql}
+"""
+
+
+def test_lookback_and_alerts_defaults(tmp_path):
+    config = load_config(write_config(tmp_path, ONE_SOURCE))
+    assert config.lookback_days == 3
+    assert config.alerts is None  # no section: no alerts
+
+
+@pytest.mark.parametrize("value, limit", [("-1", "greater than or equal to 0"), ("91", "less than or equal to 90"),
+                                          ("2.5", "valid integer"), ('"3"', "valid integer"), ("true", "valid integer")])
+def test_lookback_days_out_of_range_names_the_key_and_the_limit(tmp_path, value, limit):
+    message = config_error(tmp_path, f"lookback_days: {value}\n" + ONE_SOURCE)
+    assert "lookback_days" in message and limit in message
+
+
+def test_lookback_days_bounds_accepted(tmp_path):
+    for value in (0, 90):
+        assert load_config(write_config(tmp_path, f"lookback_days: {value}\n" + ONE_SOURCE)).lookback_days == value
+
+
+def test_alerts_section(tmp_path):
+    config = load_config(write_config(tmp_path, textwrap.dedent("""
+        alerts:
+          email: Data-Oncall@Example.com
+          slack_conn_id: slack_alerts
+          rejected_share: 0.1
+          backlog_hours: 6
+    """) + ONE_SOURCE))
+    assert config.alerts.email == ("Data-Oncall@example.com",)  # one address or a list; domain normalised
+    assert (config.alerts.slack_conn_id, config.alerts.rejected_share, config.alerts.backlog_hours) == \
+        ("slack_alerts", 0.1, 6)
+
+
+@pytest.mark.parametrize("body, key", [
+    ("alerts: {emails: [a@example.com]}", "alerts.emails"),
+    ("alerts: {email: [ops@example.com, not-an-address]}", "alerts.email"),
+    ("alerts: {email: ['ops@@example.com']}", "alerts.email"),
+    ("alerts: {rejected_share: 1.5}", "alerts.rejected_share"),
+    ("alerts: {backlog_hours: 0}", "alerts.backlog_hours"),
+    ("alerts: {slack_conn_id: 'has space'}", "alerts.slack_conn_id"),
+])
+def test_bad_alerts_section_names_the_key(tmp_path, body, key):
+    message = config_error(tmp_path, body + "\n" + ONE_SOURCE)
+    assert key in message
+
+
+def test_days_window_and_contiguous_runs():
+    from lead_sync.partition import contiguous, days_window
+
+    assert days_window(date(2026, 11, 24), date(2026, 11, 27)) == {
+        "window_start": "2026-11-22", "window_end": "2026-11-30"}
+    days = [date(2026, 11, d) for d in (27, 24, 25, 26, 20, 1)]
+    assert contiguous(days) == [(date(2026, 11, 1), date(2026, 11, 1)), (date(2026, 11, 20), date(2026, 11, 20)),
+                                (date(2026, 11, 24), date(2026, 11, 27))]
