@@ -113,8 +113,8 @@ class LeadEventsSummaryOperator(BaseOperator):
 
     It succeeds whatever the run's outcome, so that its outlet (the Asset
     `lead_event_deliveries`) is updated by every run that changed the audit; the
-    `check_outcome` task after it fails a failed run. It fails itself when an alert
-    cannot be sent, loudly, after the audit is written.
+    `check_outcome` task after it fails a failed run, and a run whose alert could not be
+    sent (logged here as an error, with its cause).
     """
 
     template_fields: Sequence[str] = ("warehouse_conn_id", "run_label")
@@ -128,17 +128,22 @@ class LeadEventsSummaryOperator(BaseOperator):
         self.whole_partition = whole_partition
 
     def execute(self, context: Any) -> dict:
-        config = load_config()
+        try:
+            config = load_config()
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None
         engine = warehouse_engine(self.warehouse_conn_id)
         day = partition_of(context, config.zone).day if self.whole_partition else _run_day(engine, self.run_label)
         summary = pipeline.summarise(engine, self.run_label, day, self.dag_id, self.whole_partition)
         self.log.info("\n%s", summary.table())
+        alert_error = None
         try:
             raise_alerts(engine, config.alerts, summary, context)
-        except RuntimeError as exc:  # the audit is written; the next run raises the alert again
-            raise AirflowFailException(f"run {summary.outcome}, but an alert could not be sent: {exc}") from None
-        return {"outcome": summary.outcome, "message": summary.message, **summary.counts,
-                "requests": summary.requests_sent}
+        except RuntimeError as exc:  # logged with its cause; the next run raises the alert again
+            alert_error = f"an alert could not be sent: {exc}"
+            self.log.error("%s (check_outcome fails this run for it)", alert_error)
+        return {"outcome": summary.outcome, "message": summary.message, "alert_error": alert_error,
+                **summary.counts, "requests": summary.requests_sent}
 
 
 def _run_day(engine, run_id: str) -> date:
@@ -146,7 +151,8 @@ def _run_day(engine, run_id: str) -> date:
 
 
 class CheckOutcomeOperator(BaseOperator):
-    """Fails the DAG run when the summary found it failed (an event gave up, credentials refused, ...)."""
+    """Fails the DAG run when the summary found it failed (an event gave up, credentials refused, ...)
+    or could not send an alert."""
 
     def __init__(self, *, summary_task_id: str = "audit_summary", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -154,5 +160,10 @@ class CheckOutcomeOperator(BaseOperator):
 
     def execute(self, context: Any) -> None:
         result = context["ti"].xcom_pull(task_ids=self.summary_task_id) or {}
+        problems = []
         if result.get("outcome") != "success":
-            raise AirflowFailException(result.get("message") or "the run failed (see audit_summary)")
+            problems.append(result.get("message") or "the run failed (see audit_summary)")
+        if result.get("alert_error"):
+            problems.append(f"{result['alert_error']} (the audit is written; the next run sends the alert)")
+        if problems:
+            raise AirflowFailException("; ".join(problems))
