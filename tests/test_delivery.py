@@ -563,3 +563,28 @@ def test_audit_keeps_no_raw_email_name_or_token(warehouse, sandbox):
                 assert text.lower() not in dump, (table.name, text)
     # The outbox keeps a body only while the event is open (here: the failed one, customer 3).
     assert outbox_keys(warehouse) == {row(warehouse, 3)["event_key"]}
+
+
+# --- whether a sender has anything to do (the drain's idle runs) ------------------------------
+
+def test_has_sendable_only_when_a_sender_would_send(warehouse, sandbox):
+    # An event 2 waiting for its event 1 (not on record) is no work for a sender.
+    seed(warehouse, verified=(verification(5),))
+    assert not claims.has_sendable(warehouse.engine)
+    # Its event 1 arrives: work.
+    warehouse.add(signups, signup(5, deferred=True))
+    pipeline.extract_and_map(warehouse.engine, load_config(), PARTITION, new_run_id())
+    assert claims.has_sendable(warehouse.engine)
+    # Event 1 in its wait between runs (the API kept failing): event 2 still waits, nothing to do.
+    sandbox.set_faults({"permanent_errors": {"5": 503}})
+    with sending(warehouse, sandbox, max_attempts=1) as sender:
+        assert sender.run().left_open == 1
+    assert not claims.has_sendable(warehouse.engine)
+    # Due again: work. Then leased by a live sender: no work for another; lease run out: work (recovery).
+    _age(warehouse, 5, next_attempt_at=0.01)
+    assert claims.has_sendable(warehouse.engine)
+    key = row(warehouse, 5)["event_key"]
+    assert claims.claim(warehouse.engine, key, "other_sender", lease_seconds=60) is not None
+    assert not claims.has_sendable(warehouse.engine)
+    later = datetime.now(timezone.utc) + timedelta(seconds=61)
+    assert claims.has_sendable(warehouse.engine, now=later)

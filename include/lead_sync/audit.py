@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
@@ -109,6 +110,24 @@ sync_runs = Table(
     Column("message", Text),
 )
 
+# What each run read, per partition and source: every source row is an event on record or a
+# repeat (see lead_event_reconciliation).
+source_reads = Table(
+    "lead_event_source_reads",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("run_id", String(250), nullable=False),
+    Column("partition_date", Date, nullable=False),
+    Column("source", String(100), nullable=False),
+    Column("read_at", TS, nullable=False),
+    Column("lookback", Boolean, nullable=False),  # a look-back read: only new rows were recorded
+    Column("rows_read", Integer, nullable=False),
+    Column("events", Integer, nullable=False),  # rows behind an event of this partition and source
+    Column("repeats", Integer, nullable=False),  # rows whose event came from another row
+    Column("missing", Integer, nullable=False),  # events on record that this read no longer yielded
+)
+Index("ix_lead_event_source_reads_partition", source_reads.c.partition_date, source_reads.c.source)
+
 outbox = Table(
     "lead_event_outbox",
     metadata,
@@ -162,12 +181,26 @@ def _add_missing_columns(engine: Engine) -> None:
                 index.create(engine, checkfirst=True)
 
 
+# Views for auditors, next to the tables; their SQL is in sql/<name>.sql (portable SQL).
+VIEWS = ("lead_event_daily", "lead_event_errors", "lead_event_reconciliation")
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+
+
+def _create_missing_views(engine: Engine) -> None:
+    have = set(inspect(engine).get_view_names())
+    for name in VIEWS:
+        if name not in have:
+            with engine.begin() as conn:
+                conn.exec_driver_sql((SQL_DIR / f"{name}.sql").read_text(encoding="utf-8"))
+
+
 def ensure_schema(engine: Engine) -> None:
-    """Create whatever audit table, column or index is missing; safe when several tasks race to do it."""
+    """Create whatever audit table, column, index or view is missing; safe when several tasks race to do it."""
     for attempt in range(3):
         try:
             metadata.create_all(engine, checkfirst=True)
             _add_missing_columns(engine)
+            _create_missing_views(engine)
             return
         except SQLAlchemyError:
             if attempt == 2:

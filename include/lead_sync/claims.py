@@ -26,28 +26,18 @@ def _due(now: datetime):
     return or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= now)
 
 
-def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = CHUNK,
-                  now: datetime | None = None) -> list[str]:
-    """Pending events with a body to send, no sender on them, due, and no attempt since the given time.
-
-    Oldest first. Event 2 of a deferred flow qualifies only once its event 1 is delivered.
-    `failed` events are final here: only a run of their partition re-opens them.
-    """
+def _sendable(confirms: bool, now: datetime, free: object):
+    """Pending events with a body to send, due, `free` of senders. Event 2 of a deferred flow
+    qualifies only once its event 1 is delivered. `failed` events are final here: only a run
+    of their partition re-opens them."""
     first = deliveries.alias("first")
     query = (
         select(deliveries.c.event_key)
         .join(outbox, outbox.c.event_key == deliveries.c.event_key)
-        .where(
-            deliveries.c.status == PENDING,
-            deliveries.c.inflight_until.is_(None),
-            _due(now or utcnow()),
-            or_(deliveries.c.last_attempt_at.is_(None), deliveries.c.last_attempt_at < not_tried_since),
-        )
-        .order_by(deliveries.c.event_time, deliveries.c.event_key)
-        .limit(limit)
+        .where(deliveries.c.status == PENDING, free, _due(now))
     )
     if confirms:
-        query = query.where(
+        return query.where(
             deliveries.c.tracking == DEFERRED_CONFIRM,
             exists().where(
                 first.c.customer_external_id == deliveries.c.customer_external_id,
@@ -55,28 +45,37 @@ def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, lim
                 first.c.status == DELIVERED,
             ),
         )
-    else:
-        query = query.where(deliveries.c.tracking.in_(EVENT_ONE))
+    return query.where(deliveries.c.tracking.in_(EVENT_ONE))
+
+
+def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = CHUNK,
+                  now: datetime | None = None) -> list[str]:
+    """Event 1s (or event 2s) a sender may take now, oldest first: no sender on them, and no
+    attempt since `not_tried_since` (this sender's start)."""
+    query = (
+        _sendable(confirms, now or utcnow(), deliveries.c.inflight_until.is_(None))
+        .where(or_(deliveries.c.last_attempt_at.is_(None), deliveries.c.last_attempt_at < not_tried_since))
+        .order_by(deliveries.c.event_time, deliveries.c.event_key)
+        .limit(limit)
+    )
     with engine.connect() as conn:
         return [k for (k,) in conn.execute(query)]
+
+
+def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
+    """Whether a sender starting now would send anything: an event it may take, or one whose
+    lease ran out (its sender died; it is audited `unknown` and sent again)."""
+    now = now or utcnow()
+    free = or_(deliveries.c.inflight_until.is_(None), deliveries.c.inflight_until < now)
+    with engine.connect() as conn:
+        return any(conn.execute(_sendable(confirms, now, free).limit(1)).first() is not None
+                   for confirms in (False, True))
 
 
 def outbox_body(engine: Engine, key: str) -> dict | None:
     with engine.connect() as conn:
         body = conn.execute(select(outbox.c.body).where(outbox.c.event_key == key)).scalar()
     return None if body is None else json.loads(body)
-
-
-def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
-    """Whether any pending event could be sent now (a sender with nothing to do can stand down)."""
-    query = (
-        select(deliveries.c.event_key)
-        .join(outbox, outbox.c.event_key == deliveries.c.event_key)
-        .where(deliveries.c.status == PENDING, _due(now or utcnow()))
-        .limit(1)
-    )
-    with engine.connect() as conn:
-        return conn.execute(query).first() is not None
 
 
 @dataclass(frozen=True)

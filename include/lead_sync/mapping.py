@@ -9,6 +9,7 @@ import json
 import math
 import unicodedata
 import uuid
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any
@@ -384,13 +385,22 @@ def row_day(row: dict, zone: ZoneInfo) -> date | None:
     return moment.astimezone(zone).date()
 
 
+@dataclass
+class ReadTally:
+    """What one read yielded for one partition and source: its rows, and their event keys."""
+
+    rows: int = 0
+    keys: set[str] = field(default_factory=set)
+
+
 def map_days(source: SourceConfig, frame: pd.DataFrame, days: dict[date, Partition], home: Partition | None,
-             known: dict[date, set[str]]) -> tuple[dict[date, list[LeadEvent]], int]:
+             known: dict[date, set[str]], tally: dict[date, ReadTally]) -> tuple[dict[date, list[LeadEvent]], int]:
     """Map rows read for several partitions at once, each to the partition of its event time.
 
     Rows of other days are dropped; a row whose time cannot be read goes to `home` (the run's
     own partition) when given, so that it is audited rather than lost. Rows of a day listed in
-    `known` whose key is in that set are passed over unmapped; returns how many were.
+    `known` whose key is in that set are passed over unmapped; returns how many were. Every
+    row kept is counted in `tally` with its key.
     """
     rule = _rule(source, frame)
     zone = next(iter(days.values())).zone
@@ -403,12 +413,19 @@ def map_days(source: SourceConfig, frame: pd.DataFrame, days: dict[date, Partiti
         if part is None:
             continue
         seen = known.get(part.day)
-        if seen is not None and known_key(source, row) in seen:
-            passed += 1
-            continue
+        count = tally.setdefault(part.day, ReadTally())
+        if seen is not None:
+            key = known_key(source, row)
+            if key in seen:
+                passed += 1
+                count.rows += 1
+                count.keys.add(key)
+                continue
         event = rule(source, row, part)
         if event is None:
             continue
+        count.rows += 1
+        count.keys.add(event.event_key)
         if seen is not None and event.event_key in seen:
             passed += 1
             continue

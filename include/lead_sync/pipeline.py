@@ -17,7 +17,7 @@ from .clock import utcnow
 from .config import SyncConfig
 from .delivery import CredentialsRefused, SendReport, Sender
 from .events import DELIVERED, FAILED, REJECTED, STATUSES
-from .mapping import first_per_key, map_days
+from .mapping import ReadTally, first_per_key, map_days
 from .partition import Partition, contiguous, days_window
 from .ratelimit import SharedRateLimiter, bucket_name
 from .retry import RetryPolicy
@@ -61,6 +61,25 @@ def plan_read(engine: Engine, config: SyncConfig, partition: Partition) -> ReadP
     return ReadPlan(partition.day, tuple(sorted(full)), tuple(sorted(behind - full)))
 
 
+def account_reads(engine: Engine, run_id: str, day: date, lookback: bool,
+                  tallies: dict[str, ReadTally]) -> list[dict]:
+    """How every source row read for a partition is accounted for, per source.
+
+    A row is either the row behind an event of this partition and source on record, or a
+    repeat (its event came from another row, of this read, another day or another source).
+    `missing`: events of this partition and source on record that the read no longer yielded.
+    """
+    on_record = state.recorded_keys(engine, day)
+    rows = []
+    for source, tally in tallies.items():
+        mine = {key for key, src in on_record.items() if src == source}
+        events = len(tally.keys & mine)
+        rows.append(dict(run_id=run_id, partition_date=day, source=source, read_at=utcnow(), lookback=lookback,
+                         rows_read=tally.rows, events=events, repeats=tally.rows - events,
+                         missing=len(mine - tally.keys)))
+    return rows
+
+
 def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, run_id: str,
                     dag_id: str | None = None) -> dict:
     """Read the partition, the look-back days before it and every partition with pending events;
@@ -71,8 +90,9 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
     plan = plan_read(engine, config, partition)
     names = [s.name for s in config.sources]
     parts = {day: Partition(day, config.zone) for day in plan.full + plan.lookback}
-    known = {day: state.recorded_keys(engine, [day]) for day in plan.lookback}
+    known = {day: set(state.recorded_keys(engine, day)) for day in plan.lookback}
     mapped: dict[date, list] = {day: [] for day in parts}
+    tallies: dict[str, dict[date, ReadTally]] = {s.name: {} for s in config.sources}
     totals: Counter = Counter()
     for first, last in contiguous(list(parts)):
         window = days_window(first, last)
@@ -80,24 +100,26 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
         home = parts[plan.home] if first <= plan.home <= last else None
         for source in config.sources:
             for frame in read_source_chunks(engine, config, source, window):
-                events, passed = map_days(source, frame, days, home, known)
+                events, passed = map_days(source, frame, days, home, known, tallies[source.name])
                 totals["lookback_known"] += passed
                 for day, found in events.items():
                     mapped[day].extend(found)
+    reads = []
     for day in sorted(parts):
         events, repeats = first_per_key(mapped.pop(day))
         lookback = day in known
-        if lookback and not events:
-            continue
-        counts = state.reconcile(engine, events, day, names, run_id, config.verification_wait_days,
-                                 reopen=day == plan.home, close_missing=not lookback)
-        counts["events_read"] += len(events) + repeats
-        counts["repeats"] += repeats
-        if lookback:
-            counts["late_rows"] += counts["new"]
-        totals.update(counts)
-        log.info("partition %s%s: %d events mapped (%s)", day, " (look-back: new rows only)" if lookback else "",
-                 len(events), dict(counts))
+        if events or not lookback:
+            counts = state.reconcile(engine, events, day, names, run_id, config.verification_wait_days,
+                                     reopen=day == plan.home, close_missing=not lookback)
+            counts["events_read"] += len(events) + repeats
+            counts["repeats"] += repeats
+            if lookback:
+                counts["late_rows"] += counts["new"]
+            totals.update(counts)
+            log.info("partition %s%s: %d events mapped (%s)", day, " (look-back: new rows only)" if lookback else "",
+                     len(events), dict(counts))
+        reads += account_reads(engine, run_id, day, lookback, {n: t.get(day, ReadTally()) for n, t in tallies.items()})
+    state.record_reads(engine, reads)
     with engine.begin() as conn:
         conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(
             events_read=totals["events_read"], repeats=totals["repeats"]))

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from .audit import deliveries, outbox
+from .audit import deliveries, outbox, source_reads
 from .clock import as_utc, utcnow
 from .events import (
     DEFERRED_CONFIRM,
@@ -53,13 +53,11 @@ def open_partition_days(engine: Engine, sources: Iterable[str]) -> set[date]:
         return {row[0] for row in conn.execute(query)}
 
 
-def recorded_keys(engine: Engine, days: Sequence[date]) -> set[str]:
-    """Keys of every event already on record for these partitions, whatever its status."""
-    if not days:
-        return set()
+def recorded_keys(engine: Engine, day: date) -> dict[str, str]:
+    """Every event already on record for a partition, whatever its status: key -> source."""
     with engine.connect() as conn:
-        query = select(deliveries.c.event_key).where(deliveries.c.partition_date.in_(list(days)))
-        return {k for (k,) in conn.execute(query)}
+        query = select(deliveries.c.event_key, deliveries.c.source).where(deliveries.c.partition_date == day)
+        return dict(conn.execute(query).all())
 
 
 def _load(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
@@ -230,3 +228,10 @@ def _close_missing(conn: Connection, day: date, sources: list[str], seen: set[st
         )
     _drop_outbox(conn, gone)
     return len(gone)
+
+
+def record_reads(engine: Engine, reads: list[dict]) -> None:
+    """What a run read, per partition and source (the reconciliation view's source rows)."""
+    if reads:
+        with engine.begin() as conn:
+            conn.execute(insert(source_reads), reads)
