@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.9.30
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test sandbox clean
+.PHONY: install demo test sandbox clean report
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The delivery report: make report [WAREHOUSE=<SQLAlchemy URL>] [OUT=<file>]
+report: install
+	$(BIN)/python scripts/report.py --warehouse '$(or $(WAREHOUSE),sqlite:///.demo/warehouse.db)' --out '$(or $(OUT),.demo/report.html)'
 
 sandbox: install
 	$(BIN)/python -m cutmeshort_sandbox --port $${SANDBOX_PORT:-8765}

@@ -38,6 +38,9 @@ REPEATABLE = dict(retries=2, retry_delay=timedelta(seconds=30))
                                 description="Day to sync (YYYY-MM-DD); empty = the run's data interval."),
         "time_budget_seconds": Param(3300, type="integer", minimum=1,
                                      description="Sending stops after this long; lead_events_drain sends the rest."),
+        "dry_run": Param(False, type="boolean",
+                         description="Read and map as a real run; send nothing, change no event; "
+                                     "record what would be sent (lead_event_dry_run_events)."),
     },
     default_args={"retries": 0},
     tags=["cutmeshort", "leads"],

@@ -108,6 +108,25 @@ sync_runs = Table(
     Column("send_result", String(40)),
     Column("outcome", String(20), nullable=False),
     Column("message", Text),
+    Column("dry_run", Boolean),  # conf {"dry_run": true}: read and mapped, nothing sent or changed
+    Column("would_send", Integer),  # a dry run: the events a real run would send now
+)
+
+# What a dry run found: every event it mapped, what a real run would make of it, its body redacted.
+dry_run_events = Table(
+    "lead_event_dry_run_events",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("event_key", String(64), primary_key=True),
+    Column("partition_date", Date, nullable=False),
+    Column("source", String(100), nullable=False),
+    Column("customer_external_id", String(255)),
+    Column("event_name", String(255)),
+    Column("tracking", String(20), nullable=False),
+    Column("status", String(20), nullable=False),  # as a real run would leave it before sending
+    Column("would_send", Boolean, nullable=False),
+    Column("reason", Text),
+    Column("payload", Text),  # JSON, names and emails hashed
 )
 
 # What each run read, per partition and source: every source row is an event on record or a

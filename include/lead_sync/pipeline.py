@@ -11,7 +11,7 @@ from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
 from . import state
-from .audit import attempts, deliveries, ensure_schema, sync_runs
+from .audit import attempts, deliveries, dry_run_events, ensure_schema, sync_runs
 from .client import CutMeShortClient
 from .clock import utcnow
 from .config import SyncConfig
@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 SEND_OK = "complete"
 SEND_BUDGET = "budget_exhausted"
 SEND_CREDENTIALS = "credentials_refused"
+SEND_DRY_RUN = "dry_run"
 
 
-def start_run(engine: Engine, run_id: str, partition_day: date, dag_id: str | None = None) -> None:
+def start_run(engine: Engine, run_id: str, partition_day: date, dag_id: str | None = None,
+              dry_run: bool = False) -> None:
     now = utcnow()
     values = dict(dag_id=dag_id, partition_date=partition_day, started_at=now, finished_at=None, outcome="running",
-                  send_result=None, message=None)
+                  send_result=None, message=None, dry_run=dry_run, would_send=None)
     with engine.begin() as conn:
         if conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values)).rowcount == 0:
             conn.execute(insert(sync_runs).values(run_id=run_id, **values))
@@ -81,12 +83,16 @@ def account_reads(engine: Engine, run_id: str, day: date, lookback: bool,
 
 
 def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, run_id: str,
-                    dag_id: str | None = None) -> dict:
+                    dag_id: str | None = None, dry_run: bool = False) -> dict:
     """Read the partition, the look-back days before it and every partition with pending events;
-    record the mapped events. The run's own partition re-opens its `failed` events."""
+    record the mapped events. The run's own partition re-opens its `failed` events.
+
+    A dry run records nothing of the events: it writes what a real run would make of each
+    (lead_event_dry_run_events) and how many it would send now (its lead_event_sync_runs row).
+    """
     prepare_engine(engine)
     ensure_schema(engine)
-    start_run(engine, run_id, partition.day, dag_id)
+    start_run(engine, run_id, partition.day, dag_id, dry_run)
     plan = plan_read(engine, config, partition)
     names = [s.name for s in config.sources]
     parts = {day: Partition(day, config.zone) for day in plan.full + plan.lookback}
@@ -104,13 +110,13 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
                 totals["lookback_known"] += passed
                 for day, found in events.items():
                     mapped[day].extend(found)
-    reads = []
+    reads, preview = [], [] if dry_run else None
     for day in sorted(parts):
         events, repeats = first_per_key(mapped.pop(day))
         lookback = day in known
         if events or not lookback:
             counts = state.reconcile(engine, events, day, names, run_id, config.verification_wait_days,
-                                     reopen=day == plan.home, close_missing=not lookback)
+                                     reopen=day == plan.home, close_missing=not lookback, preview=preview)
             counts["events_read"] += len(events) + repeats
             counts["repeats"] += repeats
             if lookback:
@@ -118,11 +124,18 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
             totals.update(counts)
             log.info("partition %s%s: %d events mapped (%s)", day, " (look-back: new rows only)" if lookback else "",
                      len(events), dict(counts))
-        reads += account_reads(engine, run_id, day, lookback, {n: t.get(day, ReadTally()) for n, t in tallies.items()})
+        if not dry_run:
+            reads += account_reads(engine, run_id, day, lookback,
+                                   {n: t.get(day, ReadTally()) for n, t in tallies.items()})
     state.record_reads(engine, reads)
+    values = dict(events_read=totals["events_read"], repeats=totals["repeats"])
+    if dry_run:
+        totals["would_send"] = state.record_preview(engine, run_id, preview)
+        values.update(dry_run=True, would_send=totals["would_send"])
+        log.info("dry run: %d event(s) would be sent now; nothing was sent or changed (lead_event_dry_run_events)",
+                 totals["would_send"])
     with engine.begin() as conn:
-        conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(
-            events_read=totals["events_read"], repeats=totals["repeats"]))
+        conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
     return {"partition_date": partition.day.isoformat(), "partitions_read": [d.isoformat() for d in plan.full],
             "lookback_read": [d.isoformat() for d in plan.lookback],
             **{k: int(v) for k, v in totals.items()}}
@@ -161,6 +174,25 @@ def _set_send_result(engine: Engine, run_id: str, result: str, message: str | No
         conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(send_result=result, message=message))
 
 
+def _summarise_dry_run(conn, run, dag_id: str) -> RunSummary:
+    """A dry run's summary: what a real run would make of the events, from lead_event_dry_run_events."""
+    scope = dry_run_events.c.run_id == run["run_id"]
+    counts = {s: int(n) for s, n in conn.execute(
+        select(dry_run_events.c.status, func.count()).where(scope).group_by(dry_run_events.c.status)).all()}
+    reasons = conn.execute(
+        select(dry_run_events.c.status, dry_run_events.c.reason, func.count())
+        .where(scope, dry_run_events.c.reason.is_not(None))
+        .group_by(dry_run_events.c.status, dry_run_events.c.reason)
+        .order_by(func.count().desc(), dry_run_events.c.status, dry_run_events.c.reason).limit(TOP_REASONS)
+    ).all()
+    message = f"dry run: {run['would_send'] or 0} event(s) would be sent now; nothing was sent or changed"
+    conn.execute(update(sync_runs).where(sync_runs.c.run_id == run["run_id"]).values(
+        dag_id=dag_id, finished_at=utcnow(), requests_sent=0, send_result=SEND_DRY_RUN, outcome="success",
+        message=message, **{s: counts.get(s, 0) for s in STATUSES}))
+    return RunSummary(run["run_id"], dag_id, run["partition_date"], counts, 0, SEND_DRY_RUN, "success", message,
+                      {}, [(s, r, int(n)) for s, r, n in reasons], dry_run=True)
+
+
 def run_partition_day(engine: Engine, run_id: str) -> date | None:
     with engine.connect() as conn:
         return conn.execute(select(sync_runs.c.partition_date).where(sync_runs.c.run_id == run_id)).scalar()
@@ -178,6 +210,7 @@ class RunSummary:
     message: str | None
     decided: dict[str, int]  # events this run's requests settled: delivered, rejected, failed
     top_reasons: list[tuple[str, str, int]]  # (status, reason, events) of the counted events, most frequent first
+    dry_run: bool = False
 
     def table(self) -> str:
         lines = [f"{self.dag_id} run {self.run_id} (partition {self.partition_date}): {self.outcome}"]
@@ -201,6 +234,9 @@ def summarise(engine: Engine, run_id: str, partition_day: date, dag_id: str = "l
     if whole_partition:
         scope = or_(deliveries.c.partition_date == partition_day, scope)
     with engine.begin() as conn:
+        run = conn.execute(select(sync_runs).where(sync_runs.c.run_id == run_id)).mappings().first()
+        if run is not None and run["dry_run"]:
+            return _summarise_dry_run(conn, run, dag_id)
         rows = conn.execute(select(deliveries.c.status, func.count()).where(scope).group_by(deliveries.c.status)).all()
         counts = {status: int(n) for status, n in rows}
         reasons = conn.execute(
@@ -218,7 +254,6 @@ def summarise(engine: Engine, run_id: str, partition_day: date, dag_id: str = "l
             .where(attempts.c.run_id == run_id, attempts.c.outcome.in_((DELIVERED, REJECTED, FAILED)))
             .group_by(attempts.c.outcome)
         ).all())
-        run = conn.execute(select(sync_runs).where(sync_runs.c.run_id == run_id)).mappings().first()
         send_result = run["send_result"] if run else None
         message = run["message"] if run else None
         gave_up = decided.get(FAILED, 0)  # failed in an earlier run: counted, but not this run's failure

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from .audit import deliveries, outbox, source_reads
+from .audit import deliveries, dry_run_events, outbox, source_reads
 from .clock import as_utc, utcnow
 from .events import (
     DEFERRED_CONFIRM,
@@ -116,11 +116,24 @@ def _drop_outbox(conn: Connection, keys: Sequence[str]) -> None:
         conn.execute(delete(outbox).where(outbox.c.event_key.in_(chunk)))
 
 
+@dataclass
+class Preview:
+    """What recording an event would do (a dry run): its status after, and whether a sender would take it now."""
+
+    event: LeadEvent
+    status: str
+    reason: str | None
+    due: bool
+
+
 def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict], run_id: str,
-           now: datetime, counts: Counter, reopen: bool) -> None:
+           now: datetime, counts: Counter, reopen: bool, preview: list[Preview] | None = None) -> None:
+    """Record events against their rows on record; with `preview`, only say what it would do."""
     inserts, updates, bodies, dropped = [], [], {}, []
     for event in events:
         row = existing.get(event.event_key)
+        if row is not None and preview is not None:
+            kept = Preview(event, row["status"], row["reason"], False)
         digest = payload_digest(event.payload)
         fields = {
             "source": event.source,
@@ -139,20 +152,32 @@ def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict],
             inserts.append({**fields, "event_key": event.event_key, "partition_date": event.partition_date,
                             "status": event.status, "attempts": 0, "created_at": now})
             counts["new"] += 1
+            if preview is not None:
+                preview.append(Preview(event, event.status, event.reason, event.status == PENDING))
         elif row["status"] == DELIVERED:
             counts["already_delivered"] += 1
+            if preview is not None:
+                preview.append(kept)
             continue
         elif row["partition_date"] != event.partition_date:
             counts["repeats"] += 1  # the same customer and event name, recorded under another day
+            if preview is not None:
+                preview.append(Preview(event, "repeat", "recorded under another day", False))
             continue
         elif as_utc(row["inflight_until"]) is not None:
             counts["in_flight"] += 1  # a sender holds it; its outcome decides
+            if preview is not None:
+                preview.append(kept)
             continue
         elif row["status"] == REJECTED and row["payload_sha256"] == digest:
             counts["still_rejected"] += 1
+            if preview is not None:
+                preview.append(kept)
             continue
         elif row["status"] == FAILED and not reopen:
             counts["failed_final"] += 1  # gave up: only a run of its own partition re-opens it
+            if preview is not None:
+                preview.append(kept)
             continue
         else:
             retry = {"retry_since": row["retry_since"], "next_attempt_at": row["next_attempt_at"]}
@@ -167,10 +192,16 @@ def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict],
             fields.update(retry)
             updates.append({**fields, "b_key": event.event_key, "status": event.status})
             counts["reevaluated"] += 1
+            if preview is not None:
+                later = as_utc(retry["next_attempt_at"])
+                preview.append(Preview(event, event.status, fields["reason"],
+                                       event.status == PENDING and (later is None or later <= now)))
         if event.status == PENDING:
             bodies[event.event_key] = json.dumps(event.payload, ensure_ascii=False)
         else:
             dropped.append(event.event_key)
+    if preview is not None:
+        return
     if inserts:
         conn.execute(insert(deliveries), inserts)
     if updates:
@@ -181,7 +212,7 @@ def _apply(conn: Connection, events: list[LeadEvent], existing: dict[str, dict],
 
 def reconcile(engine: Engine, events: list[LeadEvent], day: date, sources: Iterable[str], run_id: str,
               wait_days: float, now: datetime | None = None, *, reopen: bool = False,
-              close_missing: bool = True) -> Counter:
+              close_missing: bool = True, preview: list[Preview] | None = None) -> Counter:
     """Record one partition's mapped events against what is already on record.
 
     Delivered events are never touched again; a rejected one is reopened only when its
@@ -189,6 +220,7 @@ def reconcile(engine: Engine, events: list[LeadEvent], day: date, sources: Itera
     else is re-evaluated from the rows just read. With `close_missing`, pending events of
     this partition that the warehouse no longer yields are closed as skipped (only when
     the events given are all of the partition's rows, not a look-back's new ones).
+    With `preview` (a dry run) nothing is written: what each event would become is appended.
     """
     now = now or utcnow()
     counts: Counter = Counter()
@@ -196,15 +228,20 @@ def reconcile(engine: Engine, events: list[LeadEvent], day: date, sources: Itera
     confirms = [e for e in events if e.tracking == DEFERRED_CONFIRM]
     with engine.begin() as conn:
         existing = _load(conn, [e.event_key for e in events])
-        _apply(conn, firsts, existing, run_id, now, counts, reopen)
+        _apply(conn, firsts, existing, run_id, now, counts, reopen, preview)
         judge = Judge(wait_days, now)
         waiting = [e for e in confirms if e.status == PENDING]
         by_customer = _first_events_by_customer(conn, sorted({e.customer_external_id for e in waiting}))
+        if preview is not None:  # event 1s a real run would have recorded by now
+            for planned in preview:
+                if planned.event.tracking in EVENT_ONE and planned.event.event_key not in existing:
+                    by_customer.setdefault(planned.event.customer_external_id, []).append(
+                        {"tracking": planned.event.tracking, "status": planned.status})
         for event in waiting:
             row = existing.get(event.event_key)
             judge(event, by_customer.get(event.customer_external_id, []), as_utc(row["created_at"]) if row else None)
-        _apply(conn, confirms, existing, run_id, now, counts, reopen)
-        if close_missing:
+        _apply(conn, confirms, existing, run_id, now, counts, reopen, preview)
+        if close_missing and preview is None:
             counts["closed_missing"] += _close_missing(conn, day, list(sources), {e.event_key for e in events},
                                                        run_id, now)
     return counts
@@ -235,3 +272,28 @@ def record_reads(engine: Engine, reads: list[dict]) -> None:
     if reads:
         with engine.begin() as conn:
             conn.execute(insert(source_reads), reads)
+
+
+def record_preview(engine: Engine, run_id: str, preview: list[Preview]) -> int:
+    """Store what a dry run found; returns how many events a real run would send now.
+
+    A real run sends a pending, due event 1; and an event 2 whose event 1 is delivered, or
+    is among those it would send first (the sender sends event 1s, then event 2s).
+    """
+    firsts = {(p.event.customer_external_id) for p in preview
+              if p.event.tracking == DEFERRED_START and p.status == PENDING and p.due}
+    rows = []
+    for p in preview:
+        event = p.event
+        send = p.status == PENDING and p.due
+        if send and event.tracking == DEFERRED_CONFIRM:
+            send = p.reason is None or event.customer_external_id in firsts  # no reason: event 1 is delivered
+        rows.append(dict(run_id=run_id, event_key=event.event_key, partition_date=event.partition_date,
+                         source=event.source, customer_external_id=event.customer_external_id,
+                         event_name=event.event_name, tracking=event.tracking, status=p.status, would_send=send,
+                         reason=p.reason, payload=_dump(redact(event.payload))))
+    with engine.begin() as conn:
+        conn.execute(delete(dry_run_events).where(dry_run_events.c.run_id == run_id))
+        for chunk in _chunks(rows):
+            conn.execute(insert(dry_run_events), list(chunk))
+    return sum(r["would_send"] for r in rows)

@@ -24,12 +24,24 @@ from lead_sync_airflow.notify import raise_alerts
 RUN_LABEL = "{{ run_id if dag.dag_id == 'lead_events_sync' else dag.dag_id ~ '/' ~ run_id }}"
 
 
-def partition_of(context: Any, zone) -> Partition:
-    """conf/param `partition_date` first, else the run's data interval start."""
+def _conf(context: Any, key: str) -> Any:
+    """A run's conf value, else its param of that name."""
     dag_run = context.get("dag_run")
     conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
-    requested = conf.get("partition_date") or (context.get("params") or {}).get("partition_date")
-    return resolve_partition(requested, context.get("data_interval_start"), zone)
+    return conf.get(key) if conf.get(key) is not None else (context.get("params") or {}).get(key)
+
+
+def dry_run_of(context: Any) -> bool:
+    """conf {"dry_run": true}: read and map as a real run, send nothing, change no event."""
+    value = _conf(context, "dry_run")
+    if value not in (None, True, False):
+        raise AirflowFailException(f'dry_run must be true or false, got {value!r}')
+    return bool(value)
+
+
+def partition_of(context: Any, zone) -> Partition:
+    """conf/param `partition_date` first, else the run's data interval start."""
+    return resolve_partition(_conf(context, "partition_date"), context.get("data_interval_start"), zone)
 
 
 class ExtractLeadEventsOperator(BaseOperator):
@@ -53,11 +65,12 @@ class ExtractLeadEventsOperator(BaseOperator):
             partition = partition_of(context, config.zone)
         except (ConfigError, ValueError) as exc:
             raise AirflowFailException(str(exc)) from None
-        self.log.info("syncing partition %s (%s), look-back %d day(s)", partition.day, config.partition_timezone,
-                      config.lookback_days)
+        dry_run = dry_run_of(context)
+        self.log.info("%ssyncing partition %s (%s), look-back %d day(s)", "DRY RUN: " if dry_run else "",
+                      partition.day, config.partition_timezone, config.lookback_days)
         try:
             return pipeline.extract_and_map(warehouse_engine(self.warehouse_conn_id), config, partition,
-                                            self.run_label, self.dag_id)
+                                            self.run_label, self.dag_id, dry_run)
         except (ConfigError, SourceShapeError) as exc:
             raise AirflowFailException(str(exc)) from None
 
@@ -82,6 +95,9 @@ class SendLeadEventsOperator(BaseOperator):
         self.only_when_open = only_when_open
 
     def execute(self, context: Any) -> dict:
+        if not self.only_when_open and dry_run_of(context):
+            self.log.info("dry run: nothing is sent")
+            return {"requests": 0, "dry_run": True}
         api = CutMeShortHook(self.cutmeshort_conn_id).target()
         engine = warehouse_engine(self.warehouse_conn_id)
         if self.only_when_open:
@@ -138,7 +154,8 @@ class LeadEventsSummaryOperator(BaseOperator):
         self.log.info("\n%s", summary.table())
         alert_error = None
         try:
-            raise_alerts(engine, config.alerts, summary, context)
+            if not summary.dry_run:
+                raise_alerts(engine, config.alerts, summary, context)
         except RuntimeError as exc:  # logged with its cause; the next run raises the alert again
             alert_error = f"an alert could not be sent: {exc}"
             self.log.error("%s (check_outcome fails this run for it)", alert_error)
