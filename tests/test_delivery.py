@@ -588,3 +588,19 @@ def test_has_sendable_only_when_a_sender_would_send(warehouse, sandbox):
     assert not claims.has_sendable(warehouse.engine)
     later = datetime.now(timezone.utc) + timedelta(seconds=61)
     assert claims.has_sendable(warehouse.engine, now=later)
+
+
+def test_a_long_send_logs_progress_every_30_seconds(warehouse, sandbox, caplog):
+    seed(warehouse, *(signup(cid, cid) for cid in range(1, 7)))
+    ticks = itertools.count(0, 11)  # each look at the clock is 11 s later: a log every third event
+    prepare_engine(warehouse.engine)
+    with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2) as client:
+        sender = Sender(warehouse.engine, client, SharedRateLimiter(warehouse.engine, "b", None), RetryPolicy(),
+                        new_run_id(), time.time() + 30, clock=lambda: float(next(ticks)))
+        with caplog.at_level("INFO", logger="lead_sync.delivery"):
+            assert sender.run().delivered == 6
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    assert lines == [
+        "progress: 3 event(s) settled (3 requests), 3 left, 0.1 events/s, ETA 33s",
+        "progress: 6 event(s) settled (6 requests), 0 left, 0.1 events/s, ETA 0s",
+    ]

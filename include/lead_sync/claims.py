@@ -62,6 +62,15 @@ def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, lim
         return [k for (k,) in conn.execute(query)]
 
 
+def count_sendable(engine: Engine, now: datetime | None = None) -> int:
+    """Pending events a sender could take now (event 2s only once their event 1 is delivered)."""
+    now = now or utcnow()
+    free = deliveries.c.inflight_until.is_(None)
+    with engine.connect() as conn:
+        return sum(conn.execute(select(func.count()).select_from(_sendable(confirms, now, free).subquery())).scalar_one()
+                   for confirms in (False, True))
+
+
 def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
     """Whether a sender starting now would send anything: an event it may take, or one whose
     lease ran out (its sender died; it is audited `unknown` and sent again)."""

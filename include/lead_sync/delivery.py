@@ -90,6 +90,9 @@ def decide(response: ApiResponse, attempt_in_run: int, policy: RetryPolicy, clai
                           f"{later:%Y-%m-%d %H:%M} UTC, gives up after {give_up_at:%Y-%m-%d %H:%M} UTC)", **base)
 
 
+PROGRESS_SECONDS = 30.0
+
+
 class _OutOfTime(Exception):
     pass
 
@@ -99,7 +102,8 @@ class Sender:
 
     def __init__(self, engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter,
                  policy: RetryPolicy, run_id: str, deadline: float, credentials_hint: str = "",
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
+                 progress_every: float = PROGRESS_SECONDS) -> None:
         self.engine = engine
         self.client = client
         self.limiter = limiter
@@ -111,9 +115,25 @@ class Sender:
         # A lease outlives any request the client can make (connect + read timeouts).
         self.lease_seconds = 2 * client.timeout_seconds + 10
         self.report = SendReport()
+        self.clock = clock  # for the progress log only
+        self.progress_every = progress_every
+        self._started = self._logged = clock()
 
     def seconds_left(self) -> float:
         return self.deadline - time.time()
+
+    def _progress(self) -> None:
+        """Every `progress_every` seconds: events sent and left, the rate, and an ETA."""
+        now = self.clock()
+        if now - self._logged < self.progress_every:
+            return
+        self._logged = now
+        done = self.report.delivered + self.report.rejected + self.report.failed
+        left = claims.count_sendable(self.engine)
+        rate = done / max(now - self._started, 1e-9)
+        eta = f"{left / rate:,.0f}s" if rate > 0 else "unknown"
+        log.info("progress: %d event(s) settled (%d requests), %d left, %.1f events/s, ETA %s",
+                 done, self.report.requests, left, rate, eta)
 
     def run(self) -> SendReport:
         started = utcnow()
@@ -142,6 +162,7 @@ class Sender:
                         self.report.budget_exhausted = True
                         break
                     self._deliver(key)
+                    self._progress()
 
     def _deliver(self, key: str) -> None:
         payload = claims.outbox_body(self.engine, key)
