@@ -17,10 +17,13 @@ from sqlalchemy import create_engine, func, select
 from cutmeshort_sandbox.process import SandboxProcess
 from lead_sync.audit import attempts, deliveries, sync_runs
 from lead_sync.events import STATUSES
+from lead_sync.report import load_report, render_html
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".demo"
 WAREHOUSE = WORK / "warehouse.db"
+RUN_LOG = WORK / "airflow-run.log"
+REPORT = WORK / "report.html"
 LOGICAL_DATE = "2026-11-28"  # a manual run's inferred interval is the day before: partition 2026-11-27
 TOKEN = "demo-token"
 
@@ -50,8 +53,19 @@ def airflow_env(sandbox_url: str) -> dict[str, str]:
     return env
 
 
-def airflow(env: dict[str, str], *args: str) -> int:
-    return subprocess.run(["airflow", *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL if args[0] == "db" else None).returncode
+def airflow(env: dict[str, str], *args: str, log: Path | None = None) -> int:
+    """An Airflow command; its own output goes to `log` (or nowhere), so that our summary stands alone."""
+    with open(log or os.devnull, "w", encoding="utf-8") as out:
+        return subprocess.run(["airflow", *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+
+
+def write_report() -> Path:
+    engine = create_engine(f"sqlite:///{WAREHOUSE}")
+    try:
+        REPORT.write_text(render_html(load_report(engine)), encoding="utf-8")
+    finally:
+        engine.dispose()
+    return REPORT
 
 
 def print_summary(sent: int, elapsed: float) -> None:
@@ -100,14 +114,20 @@ def main() -> int:
         marker = WORK / "airflow" / ".migrated"
         if not marker.exists():
             print("preparing the Airflow metadata database (first run only)...")
-            if airflow(env, "db", "migrate") != 0:
+            if airflow(env, "db", "migrate", log=WORK / "airflow-migrate.log") != 0:
+                print(f"airflow db migrate failed: see {(WORK / 'airflow-migrate.log').relative_to(ROOT)}")
                 return 1
             marker.touch()
+        print(f"running lead_events_sync through Airflow (airflow dags test lead_events_sync {LOGICAL_DATE}) ...")
         started = time.monotonic()
-        code = airflow(env, "dags", "test", "lead_events_sync", LOGICAL_DATE)
+        code = airflow(env, "dags", "test", "lead_events_sync", LOGICAL_DATE, log=RUN_LOG)
         elapsed = time.monotonic() - started
         sent = sandbox.stats()["requests"]
     print_summary(sent, elapsed)
+    print(f"\nAirflow's own task log: {RUN_LOG.relative_to(ROOT)}")
+    print(f"delivery report: {write_report().relative_to(ROOT)} (open it in a browser; `make report` rewrites it)")
+    if code != 0:
+        print(f"the DAG run failed (exit {code}): see {RUN_LOG.relative_to(ROOT)}")
     return code
 
 
