@@ -1,13 +1,5 @@
 """The delivery report: one self-contained HTML page from the audit tables (contract section 10).
 
-Choices worth knowing (for the README):
-- **matplotlib** draws the report's charts, rendered server-side to SVG that is inlined in the
-  page: no JavaScript, no CDN, nothing fetched when the file is opened (offline, e-mail, Airflow's
-  UI alike), it prints, and the SVG stays small. It is the most widely used and best-kept Python
-  plotting library; plotly would inline ~4 MB of JavaScript per file, pygal is a one-person project.
-  We use its object API (`Figure`, no pyplot state), so the Airflow plugin page can render it
-  from several threads. **Jinja2** (already installed with Airflow) holds the page's markup.
-
 Public API (no Airflow here; the plugin page reuses it): `load_report`, `render_html`,
 `customer_events`, `render_customer_html`, `AuditMissing`. Whatever it shows leaves out payloads,
 API answers, names and e-mail addresses; free text (reasons, errors) has anything shaped like an
@@ -251,6 +243,9 @@ def _reconciliation(conn, engine: Engine, views: set[str], since: date) -> tuple
         values = dict(row)
         if "partition_date" in values:
             values["partition_date"] = _as_date(values["partition_date"])
+        for name in values:
+            if name.endswith("_at") and isinstance(values[name], (str, datetime)):
+                values[name] = _as_moment(values[name])  # views on SQLite hand timestamps back as text
         rows.append(values)
     return rows, columns
 
@@ -445,6 +440,7 @@ def _env() -> Environment:
                           trim_blocks=True, lstrip_blocks=True)
         env.filters["v"] = _format_value
         env.filters["ms"] = _ms
+        env.filters["n"] = lambda value: "" if value is None else f"{value:,}"
         env.globals.update(STATUS_ORDER=STATUS_ORDER, STATUS_COLORS=STATUS_COLORS)
         _ENV = env
     return _ENV
