@@ -1,4 +1,5 @@
-"""Sends what the nightly runs left open (time budget, rate limit, retries), every 5 minutes.
+"""Sends what the nightly runs left open (time budget, rate limit, retries), every 5 minutes
+(`drain_interval_minutes` in the sync configuration).
 
 An idle run (nothing pending and due) is skipped at once and writes nothing. A run that
 sends writes its row in lead_event_sync_runs under "lead_events_drain/<run id>", with the
@@ -12,13 +13,16 @@ from datetime import datetime
 from airflow.sdk import Param, dag
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from lead_sync.config import load_config
 from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import CheckOutcomeOperator, LeadEventsSummaryOperator, SendLeadEventsOperator
+
+config = load_config()
 
 
 @dag(
     dag_id="lead_events_drain",
-    schedule=CronTriggerTimetable("*/5 * * * *", timezone="UTC"),
+    schedule=CronTriggerTimetable(f"*/{config.drain_interval_minutes} * * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

@@ -493,3 +493,11 @@ def test_days_window_and_contiguous_runs():
     days = [date(2026, 11, d) for d in (27, 24, 25, 26, 20, 1)]
     assert contiguous(days) == [(date(2026, 11, 1), date(2026, 11, 1)), (date(2026, 11, 20), date(2026, 11, 20)),
                                 (date(2026, 11, 24), date(2026, 11, 27))]
+
+
+def test_drain_interval(tmp_path):
+    assert load_config(write_config(tmp_path, ONE_SOURCE)).drain_interval_minutes == 5
+    assert load_config(write_config(tmp_path, "drain_interval_minutes: 1\n" + ONE_SOURCE)).drain_interval_minutes == 1
+    for bad in ("0", "6", "2.5"):
+        message = config_error(tmp_path, f"drain_interval_minutes: {bad}\n" + ONE_SOURCE)
+        assert "drain_interval_minutes" in message

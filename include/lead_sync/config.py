@@ -70,6 +70,8 @@ class SyncConfig(BaseModel):
     verification_wait_days: float = Field(default=7, ge=0)
     # Days before the run's partition that are read again for rows loaded late.
     lookback_days: int = Field(default=3, ge=0, le=MAX_LOOKBACK_DAYS, strict=True)
+    # lead_events_drain sends what is open every so many minutes (section 8: within 5).
+    drain_interval_minutes: int = Field(default=5, ge=1, le=5, strict=True)
     # No section: no alerts, and nothing fails for it.
     alerts: AlertsConfig | None = None
     sources: tuple[SourceConfig, ...] = Field(min_length=1)
