@@ -271,7 +271,8 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
                                       start_new_session=True, cwd="/"))
 
         def healthy():
-            assert procs[0].poll() is None, "the API server exited:\n" + (tmp_path / "api-server.log").read_text()[-3000:]
+            log = (tmp_path / "api-server.log").read_text()
+            assert procs[0].poll() is None, "the API server exited:\n" + log[-3000:]
             try:
                 return requests.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200
             except requests.ConnectionError:
@@ -320,7 +321,7 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
         assert "<h1>Lead deliveries</h1>" in report.text  # the route's own page, not the UI's
         assert 'id="deliveries-per-day"' in report.text and '<svg class="chart"' in report.text
         assert f'id="bar-delivered-{day.isoformat()}"' in report.text
-        assert (_card(report.text, "delivered"), _card(report.text, "rejected"), _card(report.text, "skipped")) == (3, 1, 1)
+        assert [_card(report.text, status) for status in ("delivered", "rejected", "skipped")] == [3, 1, 1]
         assert 'id="latency-overall"' in report.text and 'id="reasons-table"' in report.text
         assert f"<td>{REJECTED}</td>" in report.text  # the rejected event needs attention
         assert f'action="{PREFIX}/customer"' in report.text  # the lookup box
