@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text, update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import new_pg_database, pg_url, signups, source_metadata, verifications, write_sources  # noqa: E402
+from support import new_pg_database, pg_url, signups, source_metadata, write_sources  # noqa: E402
 
 from lead_sync import pipeline  # noqa: E402
 from lead_sync.audit import deliveries, ensure_schema, outbox  # noqa: E402

@@ -19,9 +19,9 @@ def _dag():
     return bag.dags["lead_events_sync"]
 
 
-def run_dag(warehouse: Warehouse, api_url: str, *, logical_date: str | None = "2026-11-28",
-            conf: dict | None = None, token: str = TOKEN, sources: Path | None = None, **extra) -> str:
-    """One DAG run; returns its final state ("success" or "failed")."""
+def run_through_airflow(warehouse: Warehouse, api_url: str, *, logical_date: str | None = "2026-11-28",
+             conf: dict | None = None, token: str = TOKEN, sources: Path | None = None, adjust=None, **extra):
+    """One DAG run through dag.test(); returns Airflow's DagRun. `adjust(dag)` may change the parsed DAG first."""
     os.environ["AIRFLOW_CONN_WAREHOUSE_DEFAULT"] = warehouse.airflow_conn
     os.environ["AIRFLOW_CONN_CUTMESHORT_DEFAULT"] = cutmeshort_conn(api_url, token, **extra)
     if sources:
@@ -29,9 +29,15 @@ def run_dag(warehouse: Warehouse, api_url: str, *, logical_date: str | None = "2
     else:
         os.environ.pop("LEAD_SYNC_SOURCES", None)
     dag = _dag()
+    if adjust:
+        adjust(dag)
     moment = datetime.fromisoformat(logical_date).replace(tzinfo=timezone.utc) if logical_date else None
-    run = dag.test(logical_date=moment, run_conf=conf)
-    state = run.state
+    return dag.test(logical_date=moment, run_conf=conf)
+
+
+def run_dag(warehouse: Warehouse, api_url: str, **kwargs) -> str:
+    """One DAG run (see run_through_airflow); returns its final state ("success" or "failed")."""
+    state = run_through_airflow(warehouse, api_url, **kwargs).state
     return state.value if hasattr(state, "value") else str(state)
 
 

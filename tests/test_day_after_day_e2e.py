@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import threading
 from collections import Counter
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, inspect, select, text
 
-from dagrun import _dag
+from dagrun import run_through_airflow
 from lead_sync import alerts as core_alerts
-from support import ROOT, TOKEN, Warehouse, cutmeshort_conn, pg_url, signups, write_sources
+from support import ROOT, TOKEN, Warehouse, pg_url, signups, write_sources
 from test_alerts import Inbox, free_port, smtp_conn, smtp_server, webhook  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -90,20 +88,9 @@ class Run:
         return self.tasks[task_id][0]
 
 
-def run(wh: Warehouse, api_url: str, *, logical_date: str | None = "2026-11-28", conf: dict | None = None,
-        sources: Path | None = None, adjust=None, **extra) -> Run:
-    """tests/dagrun.run_dag, handing back the run id and the task instances' states and try numbers."""
-    os.environ["AIRFLOW_CONN_WAREHOUSE_DEFAULT"] = wh.airflow_conn
-    os.environ["AIRFLOW_CONN_CUTMESHORT_DEFAULT"] = cutmeshort_conn(api_url, TOKEN, **extra)
-    if sources:
-        os.environ["LEAD_SYNC_SOURCES"] = str(sources)
-    else:
-        os.environ.pop("LEAD_SYNC_SOURCES", None)
-    dag = _dag()
-    if adjust:
-        adjust(dag)
-    moment = datetime.fromisoformat(logical_date).replace(tzinfo=timezone.utc) if logical_date else None
-    return Run(dag.test(logical_date=moment, run_conf=conf))
+def run(wh: Warehouse, api_url: str, **kwargs) -> Run:
+    """tests/dagrun.run_through_airflow, handing back the run id and the task instances' states and try numbers."""
+    return Run(run_through_airflow(wh, api_url, **kwargs))
 
 
 def run_row(wh: Warehouse, run_id: str) -> dict:

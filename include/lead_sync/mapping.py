@@ -9,7 +9,7 @@ import json
 import math
 import unicodedata
 import uuid
-from dataclasses import dataclass, field
+import dataclasses
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any
@@ -385,12 +385,12 @@ def row_day(row: dict, zone: ZoneInfo) -> date | None:
     return moment.astimezone(zone).date()
 
 
-@dataclass
+@dataclasses.dataclass
 class ReadTally:
     """What one read yielded for one partition and source: its rows, and their event keys."""
 
     rows: int = 0
-    keys: set[str] = field(default_factory=set)
+    keys: set[str] = dataclasses.field(default_factory=set)
 
 
 def map_days(source: SourceConfig, frame: pd.DataFrame, days: dict[date, Partition], home: Partition | None,
