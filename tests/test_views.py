@@ -51,7 +51,8 @@ def test_every_source_row_is_accounted_for(warehouse, sandbox):
     warehouse.add(verifications,
                   verification(6),                         # event 2, delivered
                   verification(1),                         # skipped: the signup was non-deferred
-                  verification(99))                        # pending: waiting for its event 1
+                  verification(99),                        # pending: waiting for its event 1
+                  dict(verification(98), customer_external_id="98\x01"))  # skipped: control characters
     sandbox.set_faults({"permanent_errors": {"2": 422, "3": 500}})
     run(warehouse, sandbox, DAY, "run_1", config)
     # Customer 3 has been retried for 73 h: the next run gives up on it.
@@ -71,7 +72,7 @@ def test_every_source_row_is_accounted_for(warehouse, sandbox):
         unaccounted=0)
     (checks,) = view(warehouse, "lead_event_reconciliation", partition_date=DAY, source="verifications")
     assert {k: checks[k] for k in ("source_rows", "delivered", "skipped", "pending", "repeat", "unaccounted")} == dict(
-        source_rows=3, delivered=1, skipped=1, pending=1, repeat=0, unaccounted=0)
+        source_rows=4, delivered=1, skipped=2, pending=1, repeat=0, unaccounted=0)
     (next_day,) = view(warehouse, "lead_event_reconciliation", partition_date=DAY + timedelta(days=1),
                        source="signups")
     assert (next_day["source_rows"], next_day["delivered"], next_day["unaccounted"]) == (1, 1, 0)
@@ -88,9 +89,19 @@ def test_every_source_row_is_accounted_for(warehouse, sandbox):
     assert errors[(None, "no click_id")]["example_event_key"].startswith("ev_")
     assert not any(r["status"] == "delivered" for r in view(warehouse, "lead_event_daily") if r["events"] == 0)
 
-    # A row deleted after its event was recorded: shown, and still accounted for.
+    # A row deleted after its event was recorded: shown, and still accounted for. And event 2
+    # of customer 99 has waited 8 days for an event 1 that never came: skipped.
     warehouse.execute("DELETE FROM signups WHERE customer_external_id = 4")
+    with warehouse.engine.begin() as conn:
+        conn.execute(update(deliveries).where(deliveries.c.customer_external_id == "99").values(
+            created_at=datetime.now(timezone.utc) - timedelta(days=8)))
     pipeline.extract_and_map(warehouse.engine, config, Partition(DAY, config.zone), "run_3")  # re-opens 3 too
     (sign,) = view(warehouse, "lead_event_reconciliation", partition_date=DAY, source="signups")
     assert (sign["source_rows"], sign["no_longer_in_source"], sign["skipped"], sign["unaccounted"]) == (7, 1, 2, 0)
     assert (sign["failed"], sign["pending"]) == (0, 1)  # a run of the day re-opened what gave up
+    (checks,) = view(warehouse, "lead_event_reconciliation", partition_date=DAY, source="verifications")
+    assert (checks["source_rows"], checks["skipped"], checks["pending"], checks["unaccounted"]) == (4, 3, 0, 0)
+    reasons = {r["reason"] for r in view(warehouse, "lead_event_errors", partition_date=DAY) if r["http_status"] is None}
+    assert {"no click_id", "no customer id", "customer id contains control characters",
+            "the customer's signup was non-deferred: no event 1 to confirm",
+            "event 1 not delivered after 7 days of waiting (event 1: not on record)"} <= reasons
