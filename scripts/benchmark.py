@@ -23,7 +23,7 @@ from support import signups, source_metadata, verifications  # noqa: E402
 
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
 from lead_sync import pipeline  # noqa: E402
-from lead_sync.audit import metadata as audit_metadata  # noqa: E402
+from lead_sync.audit import drop_schema  # noqa: E402
 from lead_sync.config import load_config  # noqa: E402
 from lead_sync.partition import Partition  # noqa: E402
 from lead_sync.settings import ApiSettings, ApiTarget  # noqa: E402
@@ -33,7 +33,7 @@ DAY = date(2026, 11, 27)
 
 def seed(engine, rows: int) -> None:
     source_metadata.drop_all(engine)
-    audit_metadata.drop_all(engine)
+    drop_schema(engine)
     source_metadata.create_all(engine)
     start = datetime(2026, 11, 27)
     step = 86_000 / rows

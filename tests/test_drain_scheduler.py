@@ -253,7 +253,11 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         assert set(by_run) == {nightly, *drained}, by_run
         assert by_run[nightly] == night["requests_sent"] and sum(drained.values()) == BACKLOG - by_run[nightly]
         assert drained, "no drain run sent anything"
-        rows = audit_runs()
+        # The last drain run writes its summary a moment after its last delivery.
+        def summarised() -> dict | None:
+            found = audit_runs()
+            return found if all(found[d]["outcome"] != "running" for d in drained) else None
+        rows = _wait(summarised, 120, "the drain runs' summaries")
         for run_id, n in drained.items():
             assert rows[run_id]["outcome"] == "success" and rows[run_id]["requests_sent"] == n, rows[run_id]
         nightly_last = max(at for r, _, at in sent if r == nightly)

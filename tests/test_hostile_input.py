@@ -48,7 +48,7 @@ from cutmeshort_sandbox import SandboxServer
 from cutmeshort_sandbox.validation import validate_lead
 from lead_sync import pipeline
 from lead_sync.audit import deliveries
-from lead_sync.audit import metadata as audit_metadata
+from lead_sync.audit import drop_schema
 from lead_sync.client import CutMeShortClient
 from lead_sync.config import DEFAULT_SOURCES_FILE, SourceConfig, load_config
 from lead_sync.events import DEFERRED_CONFIRM, DEFERRED_START, NON_DEFERRED, PENDING, SKIPPED, STATUSES
@@ -650,7 +650,7 @@ def test_hostile_rows_postgres(pg_warehouse, fast_sandbox, data):
     signups, verifications = data
     fast_sandbox.reset()
     engine = pg_warehouse.engine
-    audit_metadata.drop_all(engine)
+    drop_schema(engine)
     with engine.begin() as conn:
         for ddl in PG_DDL:
             conn.exec_driver_sql(ddl)

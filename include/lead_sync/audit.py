@@ -213,6 +213,14 @@ def _create_missing_views(engine: Engine) -> None:
                 conn.exec_driver_sql((SQL_DIR / f"{name}.sql").read_text(encoding="utf-8"))
 
 
+def drop_schema(engine: Engine) -> None:
+    """Drop the audit views and tables (tests and benchmarks start from nothing)."""
+    with engine.begin() as conn:
+        for name in VIEWS:
+            conn.exec_driver_sql(f"DROP VIEW IF EXISTS {name}")
+    metadata.drop_all(engine)
+
+
 def ensure_schema(engine: Engine) -> None:
     """Create whatever audit table, column, index or view is missing; safe when several tasks race to do it."""
     for attempt in range(3):
