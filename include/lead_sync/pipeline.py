@@ -63,15 +63,17 @@ def plan_read(engine: Engine, config: SyncConfig, partition: Partition) -> ReadP
     return ReadPlan(partition.day, tuple(sorted(full)), tuple(sorted(behind - full)))
 
 
-def account_reads(engine: Engine, run_id: str, day: date, lookback: bool,
-                  tallies: dict[str, ReadTally]) -> list[dict]:
+def account_reads(engine: Engine, run_id: str, day: date, lookback: bool, tallies: dict[str, ReadTally],
+                  on_record: dict[str, str] | None = None) -> list[dict]:
     """How every source row read for a partition is accounted for, per source.
 
     A row is either the row behind an event of this partition and source on record, or a
     repeat (its event came from another row, of this read, another day or another source).
     `missing`: events of this partition and source on record that the read no longer yielded.
+    `on_record` (key -> source of the partition's events), when the caller knows it already.
     """
-    on_record = state.recorded_keys(engine, day)
+    if on_record is None:
+        on_record = state.recorded_keys(engine, day)
     rows = []
     for source, tally in tallies.items():
         mine = {key for key, src in on_record.items() if src == source}
@@ -96,7 +98,9 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
     plan = plan_read(engine, config, partition)
     names = [s.name for s in config.sources]
     parts = {day: Partition(day, config.zone) for day in plan.full + plan.lookback}
-    known = {day: set(state.recorded_keys(engine, day)) for day in plan.lookback}
+    # The look-back passes over what is on record for its days: key -> source, read once.
+    known_sources = {day: state.recorded_keys(engine, day) for day in plan.lookback}
+    known = {day: set(keys) for day, keys in known_sources.items()}
     mapped: dict[date, list] = {day: [] for day in parts}
     tallies: dict[str, dict[date, ReadTally]] = {s.name: {} for s in config.sources}
     totals: Counter = Counter()
@@ -125,8 +129,11 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
             log.info("partition %s%s: %d events mapped (%s)", day, " (look-back: new rows only)" if lookback else "",
                      len(events), dict(counts))
         if not dry_run:
+            # A look-back day's record is what was known plus what this run just recorded.
+            on_record = ({**known_sources[day], **state.recorded_keys(engine, day, [e.event_key for e in events])}
+                         if lookback else None)
             reads += account_reads(engine, run_id, day, lookback,
-                                   {n: t.get(day, ReadTally()) for n, t in tallies.items()})
+                                   {n: t.get(day, ReadTally()) for n, t in tallies.items()}, on_record)
     state.record_reads(engine, reads)
     values = dict(events_read=totals["events_read"], repeats=totals["repeats"])
     if dry_run:

@@ -53,11 +53,17 @@ def open_partition_days(engine: Engine, sources: Iterable[str]) -> set[date]:
         return {row[0] for row in conn.execute(query)}
 
 
-def recorded_keys(engine: Engine, day: date) -> dict[str, str]:
-    """Every event already on record for a partition, whatever its status: key -> source."""
+def recorded_keys(engine: Engine, day: date, among: Sequence[str] | None = None) -> dict[str, str]:
+    """Events on record for a partition, whatever their status (only those `among` these keys,
+    when given): key -> source."""
+    query = select(deliveries.c.event_key, deliveries.c.source).where(deliveries.c.partition_date == day)
     with engine.connect() as conn:
-        query = select(deliveries.c.event_key, deliveries.c.source).where(deliveries.c.partition_date == day)
-        return dict(conn.execute(query).all())
+        if among is None:
+            return dict(conn.execute(query).all())
+        found: dict[str, str] = {}
+        for chunk in _chunks(list(among)):
+            found.update(conn.execute(query.where(deliveries.c.event_key.in_(chunk))).all())
+        return found
 
 
 def _load(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
