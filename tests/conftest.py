@@ -36,6 +36,15 @@ def airflow_db() -> Path:
 
 
 @pytest.fixture
+def metadata_db() -> str:
+    """An Airflow metadata database for a deployment as processes: PostgreSQL, since several
+    processes write it at once (SQLite would lock up)."""
+    name = new_pg_database()
+    yield pg_url(name).render_as_string(hide_password=False)
+    drop_pg_database(name)
+
+
+@pytest.fixture
 def pg_warehouse():
     name = new_pg_database()
     engine = create_engine(pg_url(name), pool_pre_ping=True)

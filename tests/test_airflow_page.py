@@ -14,8 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,11 +25,12 @@ import pytest
 import requests
 
 from dagrun import airflow_cli_env
+from processes import free_port, start, stop, wait_for
 from lead_sync import pipeline
 from lead_sync.config import load_config
 from lead_sync.partition import Partition
 from lead_sync.settings import ApiSettings, ApiTarget
-from support import TOKEN, drop_pg_database, new_pg_database, pg_url, signups
+from support import TOKEN, signups
 
 PREFIX = "/lead-deliveries"
 USER = "auditor"
@@ -46,39 +45,10 @@ SECRETS = ("Zelda", "Quuxley", "zelda.quux", "example.org", ZELDA_CLICK, TOKEN) 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _wait(predicate, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(every)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM to each process group, then SIGKILL to whatever is left."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
 
 
 def _no_secrets(text: str, where: str) -> None:
@@ -181,7 +151,7 @@ class DevTools:
 
     def open(self, url: str, timeout: float = 30) -> None:
         self.call("Page.navigate", url=url)
-        _wait(lambda: self.evaluate(f"location.href === {json.dumps(url)} && document.readyState === 'complete'"),
+        wait_for(lambda: self.evaluate(f"location.href === {json.dumps(url)} && document.readyState === 'complete'"),
               timeout, f"{url} to load", every=0.2)
 
     def screenshot(self, path: Path) -> None:
@@ -198,7 +168,7 @@ def _devtools(user_data: Path, proc: subprocess.Popen) -> DevTools:
         assert proc.poll() is None, f"chromium exited with {proc.returncode}"
         return port_file.exists() and len(port_file.read_text().split()) >= 2
 
-    _wait(ready, 30, "chromium's DevTools port")
+    wait_for(ready, 30, "chromium's DevTools port")
     port = int(port_file.read_text().split()[0])
     targets = requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
     pages = [t for t in targets if t.get("type") == "page"]
@@ -208,12 +178,6 @@ def _devtools(user_data: Path, proc: subprocess.Popen) -> DevTools:
 
 # --- fixtures ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def metadata_db():
-    """The API server's metadata database (PostgreSQL, as in a deployment)."""
-    name = new_pg_database()
-    yield pg_url(name).render_as_string(hide_password=False)
-    drop_pg_database(name)
 
 
 # --- unit: what the plugin declares ---------------------------------------------------------------
@@ -244,7 +208,7 @@ def test_plugin_declares_a_protected_app_and_a_nav_link():
 def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata_db):
     chromium = _chromium()
     day = datetime.now(timezone.utc).date() - timedelta(days=1)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     home = tmp_path / "airflow"
     env = airflow_cli_env(home, pg_warehouse, sandbox.url)
@@ -266,9 +230,8 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
     browser_log = open(tmp_path / "chromium.log", "wb")
     devtools = None
     try:
-        procs.append(subprocess.Popen(["airflow", "api-server", "--host", "127.0.0.1", "--port", str(port),
-                                       "--workers", "1"], env=env, stdout=logs, stderr=logs,
-                                      start_new_session=True, cwd="/"))
+        procs.append(start(["airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                           env, logs))
 
         def healthy():
             if procs[0].poll() is not None:
@@ -278,14 +241,14 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
             except requests.ConnectionError:
                 return False
 
-        _wait(healthy, 120, "the API server")
+        wait_for(healthy, 120, "the API server")
         page = f"{base}{PREFIX}/"
         lookup = f"{base}{PREFIX}/customer"
         assert requests.get(page, timeout=10).status_code == 401  # the plugin is mounted (else the UI's 200)
 
         # Log in as the viewer the simple auth manager created.
         password_file = home / "simple_auth_manager_passwords.json.generated"
-        _wait(lambda: password_file.exists() and USER in password_file.read_text(), 30, "the generated password")
+        wait_for(lambda: password_file.exists() and USER in password_file.read_text(), 30, "the generated password")
         password = json.loads(password_file.read_text())[USER]
         login = requests.post(f"{base}/auth/token", json={"username": USER, "password": password}, timeout=10)
         assert login.status_code in (200, 201), login.text
@@ -349,9 +312,8 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
 
         # A logged-in browser: the UI's _token cookie, the page rendered.
         user_data = Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path))
-        procs.append(subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}",
-                                       "--remote-debugging-port=0", "about:blank"],
-                                      stdout=browser_log, stderr=browser_log, start_new_session=True))
+        procs.append(start([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_data}", "--remote-debugging-port=0",
+                            "about:blank"], dict(os.environ), browser_log, cwd=tmp_path))
         devtools = _devtools(user_data, procs[-1])
         devtools.call("Page.enable")
         assert devtools.call("Network.setCookie", name="_token", value=token, url=base, path="/")["success"]
@@ -377,7 +339,7 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
         # The search box leads to the customer's events.
         devtools.evaluate(f"document.querySelector('#customer-id').value = '{ZELDA}'; "
                           "document.querySelector('form.lookup').submit(); true")
-        _wait(lambda: devtools.evaluate("location.pathname + location.search") == f"{PREFIX}/customer?id={ZELDA}"
+        wait_for(lambda: devtools.evaluate("location.pathname + location.search") == f"{PREFIX}/customer?id={ZELDA}"
               and devtools.evaluate("document.readyState") == "complete", 20, "the customer page")
         text = devtools.evaluate("document.body.innerText")
         assert "Customer 4242" in text and "signup_started" in text and "delivered" in text
@@ -385,7 +347,7 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
 
         # Airflow's own UI, logged in by the same cookie, links the page from its navigation.
         devtools.open(f"{base}/")
-        link = _wait(lambda: devtools.evaluate(
+        link = wait_for(lambda: devtools.evaluate(
             "(() => { const nav = document.querySelector('[data-testid=nav-sidebar]');"
             " const a = nav && [...nav.querySelectorAll('a')].find(a => a.innerText.includes('Lead deliveries')"
             "   || (a.getAttribute('aria-label') || '').includes('Lead deliveries'));"
@@ -395,7 +357,7 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
         # Following it shows the report inside the UI (an iframe of /lead-deliveries/).
         devtools.evaluate("[...document.querySelectorAll('[data-testid=nav-sidebar] a')]"
                           ".find(a => (a.getAttribute('href') || '').includes('plugin/lead-deliveries')).click(); true")
-        framed = _wait(lambda: devtools.evaluate(
+        framed = wait_for(lambda: devtools.evaluate(
             "(() => { const f = document.querySelector('iframe');"
             " const d = f && f.contentDocument; return d && d.querySelector('#deliveries-per-day svg.chart')"
             " ? f.getAttribute('src') : null; })()"), 30, "the report inside the UI")
@@ -407,6 +369,6 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
                 devtools.close()
             except Exception:
                 pass
-        _stop(procs)
+        stop(procs)
         logs.close()
         browser_log.close()

@@ -11,9 +11,6 @@ One deployment, three things proved in turn (section 8):
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import textwrap
 import time
@@ -24,8 +21,9 @@ from sqlalchemy import create_engine, func, select, text
 
 from cutmeshort_sandbox import SandboxServer
 from dagrun import airflow_cli_env
+from processes import free_port, start_airflow_services, stop, wait_for
 from lead_sync.audit import attempts, deliveries, ensure_schema
-from support import ROOT, TOKEN, drop_pg_database, new_pg_database, pg_url, signups, write_sources
+from support import ROOT, TOKEN, signups, write_sources
 from test_faults_e2e import lead_counts, seed_day
 
 pytestmark = pytest.mark.postgres
@@ -69,20 +67,8 @@ DOWNSTREAM_FILE = textwrap.dedent('''
 DONE = ("success", "failed")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def _wait(predicate, timeout: float, what: str, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = predicate()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(every)
 
 
 def _now() -> datetime:
@@ -109,12 +95,6 @@ def _busiest_minute(stamps: list[datetime]) -> int:
     return best
 
 
-@pytest.fixture
-def metadata_db():
-    """Several Airflow processes write the metadata database at once: SQLite would lock up."""
-    name = new_pg_database()
-    yield pg_url(name).render_as_string(hide_password=False)
-    drop_pg_database(name)
 
 
 @pytest.fixture
@@ -140,7 +120,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
     (dags / f"{DOWNSTREAM_DAG}.py").write_text(DOWNSTREAM_FILE)
     reports = tmp_path / "reports"
 
-    port = _free_port()
+    port = free_port()
     env = airflow_cli_env(tmp_path / "airflow", wh, api.url, **EXTRA)
     env.update({
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
@@ -194,13 +174,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
     cli("db", "migrate")
     cli("pools", "set", "cutmeshort_api", "2", "CutMeShort API sends")
     logs = open(tmp_path / "services.log", "wb")
-    services = [
-        subprocess.Popen(["airflow", *cmd], env=env, stdout=logs, stderr=logs, start_new_session=True, cwd="/")
-        # --skip-serve-logs: the scheduler's log server would listen on every interface, on the fixed
-        # port 8793; with LocalExecutor the API server reads the task logs from disk anyway.
-        for cmd in (["api-server", "--host", "127.0.0.1", "--port", str(port)], ["scheduler", "--skip-serve-logs"],
-                    ["dag-processor"])
-    ]
+    services = start_airflow_services(env, port, logs)
     timeline: list[tuple[str, datetime]] = []
     try:
         def parsed():
@@ -209,15 +183,15 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
                 assert not errors, errors
                 found = {d for (d,) in conn.execute(text("SELECT dag_id FROM dag WHERE is_stale IS NOT TRUE"))}
             return {"lead_events_sync", "lead_events_drain", DOWNSTREAM_DAG} <= found
-        _wait(parsed, 120, "the three DAGs to be parsed")
+        wait_for(parsed, 120, "the three DAGs to be parsed")
         for dag_id in (DOWNSTREAM_DAG, "lead_events_drain", "lead_events_sync"):
             cli("dags", "unpause", dag_id)
         # Unpausing starts the latest scheduled run of each: the nightly one syncs yesterday (the
         # machine's clock may make that the very day this test uses), the drain's finds nothing.
         # Both end before the warehouse has a row, so that the one manual run below is the nightly run.
-        _wait(lambda: any(r["run_type"] == "scheduled" and r["state"] in DONE for r in dag_runs("lead_events_sync")),
+        wait_for(lambda: any(r["run_type"] == "scheduled" and r["state"] in DONE for r in dag_runs("lead_events_sync")),
               180, "the scheduled nightly run started by unpausing")
-        _wait(lambda: any(r["run_type"] == "scheduled" and r["state"] in DONE for r in dag_runs("lead_events_drain")),
+        wait_for(lambda: any(r["run_type"] == "scheduled" and r["state"] in DONE for r in dag_runs("lead_events_drain")),
               120, "the idle drain run started by unpausing")
         assert api.requests() == []
         assert not any(r["run_id"].startswith("lead_events_drain/") for r in wh.runs())  # idle: skipped, no row
@@ -232,14 +206,14 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         timeline.append(("nightly run triggered", _now()))
         cli("dags", "trigger", "lead_events_sync", "-r", nightly,
             "-c", json.dumps({"partition_date": NIGHTLY_DAY, "time_budget_seconds": 60}))
-        _wait(lambda: finished("lead_events_sync", nightly), 240, "the nightly run")
+        wait_for(lambda: finished("lead_events_sync", nightly), 240, "the nightly run")
         night = audit_runs()[nightly]
         assert dag_run("lead_events_sync", nightly)["state"] == "success"
         assert night["outcome"] == "success" and night["send_result"] == "budget_exhausted", night
         assert 0 < night["requests_sent"] < BACKLOG, night
         timeline.append(("nightly run ended (audit finished_at)", night["finished_at"]))
 
-        _wait(lambda: day_counts(NIGHTLY_DAY) == {"delivered": BACKLOG}, 12 * 60,
+        wait_for(lambda: day_counts(NIGHTLY_DAY) == {"delivered": BACKLOG}, 12 * 60,
               "lead_events_drain to deliver the whole backlog", every=2)
         with wh.engine.connect() as conn:
             sent = conn.execute(select(attempts.c.run_id, attempts.c.outcome, attempts.c.sent_at)
@@ -257,7 +231,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         def summarised() -> dict | None:
             found = audit_runs()
             return found if all(found[d]["outcome"] != "running" for d in drained) else None
-        rows = _wait(summarised, 120, "the drain runs' summaries")
+        rows = wait_for(summarised, 120, "the drain runs' summaries")
         for run_id, n in drained.items():
             assert rows[run_id]["outcome"] == "success" and rows[run_id]["requests_sent"] == n, rows[run_id]
         nightly_last = max(at for r, _, at in sent if r == nightly)
@@ -283,7 +257,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         def downstream_of(run_id: str):
             found = [json.loads(p.read_text()) for p in reports.glob("*.json")] if reports.exists() else []
             return [r for r in found if any(s["run_id"] == run_id for s in r["sources"])]
-        after_nightly = _wait(lambda: downstream_of(nightly), 120, "the downstream DAG to run on the nightly's Asset")
+        after_nightly = wait_for(lambda: downstream_of(nightly), 120, "the downstream DAG to run on the nightly's Asset")
         ran_at = datetime.fromisoformat(after_nightly[0]["ran_at"])
         assert ran_at > night["finished_at"]
         assert dag_run(DOWNSTREAM_DAG, after_nightly[0]["run_id"])["run_type"] == "asset_triggered"
@@ -303,7 +277,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         # A logical date, so that `airflow tasks clear -s/-e` can find this manual run again.
         cli("dags", "trigger", "lead_events_sync", "-r", part, "-l", "2026-11-20T00:00:00+00:00",
             "-c", json.dumps({"partition_date": "2026-11-20"}))
-        _wait(lambda: finished("lead_events_sync", part), 240, "the run of 2026-11-20")
+        wait_for(lambda: finished("lead_events_sync", part), 240, "the run of 2026-11-20")
         assert dag_run("lead_events_sync", part)["state"] == "success"  # left open: not a failure
         # Its look-back read 2026-11-19 too: both events were tried and left open, retrying.
         ev = events({"555", "556"})
@@ -314,24 +288,24 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         wh.execute("UPDATE lead_event_deliveries SET retry_since = now() - interval '73 hours', "
                    "next_attempt_at = now() - interval '1 minute' WHERE customer_external_id IN ('555', '556')")
         cli("dags", "trigger", "lead_events_drain", "-r", "give-up")
-        _wait(lambda: all(e["status"] == "failed" for e in events({"555", "556"}).values()), 180,
+        wait_for(lambda: all(e["status"] == "failed" for e in events({"555", "556"}).values()), 180,
               "a drain run to give the two events up")
         ev = events({"555", "556"})
         gave_up_in = {e["last_run_id"] for e in ev.values()}
         assert len(gave_up_in) == 1 and next(iter(gave_up_in)).startswith("lead_events_drain/"), gave_up_in
         gave_up_in = next(iter(gave_up_in))
         assert all(e["attempts"] == 6 and e["reason"].startswith("gave up after 73.0 h") for e in ev.values()), ev
-        _wait(lambda: finished("lead_events_drain", gave_up_in.split("/", 1)[1]), 120, "the give-up drain run")
+        wait_for(lambda: finished("lead_events_drain", gave_up_in.split("/", 1)[1]), 120, "the give-up drain run")
         assert audit_runs()[gave_up_in]["outcome"] == "failed"
         assert audit_runs()[gave_up_in]["failed"] == 2
         assert dag_run("lead_events_drain", gave_up_in.split("/", 1)[1])["state"] == "failed"
-        _wait(lambda: finished("lead_events_drain", "give-up"), 120, "the triggered drain run")
+        wait_for(lambda: finished("lead_events_drain", "give-up"), 120, "the triggered drain run")
         seen = len(api.requests())
 
         # Final for automatic runs: a later drain run finds nothing to send, even with the API healthy again.
         api.set_faults({"permanent_errors": {}})
         cli("dags", "trigger", "lead_events_drain", "-r", "after-give-up")
-        _wait(lambda: finished("lead_events_drain", "after-give-up"), 120, "the drain run after giving up")
+        wait_for(lambda: finished("lead_events_drain", "after-give-up"), 120, "the drain run after giving up")
         assert task_states("lead_events_drain", "after-give-up")["send_open_events"] == "skipped"
         assert len(api.requests()) == seen
         assert {e["status"] for e in events({"555", "556"}).values()} == {"failed"}
@@ -339,7 +313,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         # `airflow tasks clear` of the partition's run re-opens its failed event (only its own partition's).
         before = audit_runs()[part]["finished_at"]
         cli("tasks", "clear", "lead_events_sync", "-s", "2026-11-20", "-e", "2026-11-20", "-y")
-        _wait(lambda: (r := audit_runs()[part])["finished_at"] and r["finished_at"] > before
+        wait_for(lambda: (r := audit_runs()[part])["finished_at"] and r["finished_at"] > before
               and finished("lead_events_sync", part, clear_number=1), 240, "the cleared run of 2026-11-20")
         assert dag_run("lead_events_sync", part)["state"] == "success"
         ev = events({"555", "556"})
@@ -349,7 +323,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         # A manual rerun with conf partition_date re-opens the other day's failed event.
         rerun = "rerun-2026-11-19"
         cli("dags", "trigger", "lead_events_sync", "-r", rerun, "-c", json.dumps({"partition_date": "2026-11-19"}))
-        _wait(lambda: finished("lead_events_sync", rerun), 240, "the rerun of 2026-11-19")
+        wait_for(lambda: finished("lead_events_sync", rerun), 240, "the rerun of 2026-11-19")
         assert dag_run("lead_events_sync", rerun)["state"] == "success"
         assert events({"556"})["556"]["status"] == "delivered"
 
@@ -369,18 +343,10 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         assert updated == writers, (updated, writers)
         assert ("lead_events_drain", "after-give-up") not in updated
         for run_id in drained:
-            _wait(lambda: downstream_of(run_id.split("/", 1)[1]), 60, f"the downstream DAG to run after {run_id}")
+            wait_for(lambda: downstream_of(run_id.split("/", 1)[1]), 60, f"the downstream DAG to run after {run_id}")
         print(f"  part 3: gave up in {gave_up_in}; 555 re-opened by `tasks clear` of {part} and delivered by "
               f"{ev['555']['last_run_id']}; 556 by the rerun {rerun}; whole test {time.monotonic() - began:.0f}s")
     finally:
-        for proc in services:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in services:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop(services)
         logs.close()
         meta.dispose()

@@ -1,27 +1,20 @@
 """Under a real scheduler (LocalExecutor): `airflow backfill create` and `airflow tasks clear` send nothing twice."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import time
 from datetime import datetime
 
 import pytest
 
 from dagrun import airflow_cli_env
+from processes import free_port, start_airflow_services, stop, wait_for
 from lead_sync.audit import ensure_schema
-from support import drop_pg_database, new_pg_database, pg_url, signups, verifications
+from support import signups, verifications
 from test_faults_e2e import lead_counts, seed_day
 
 pytestmark = pytest.mark.postgres
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _finished_runs(warehouse) -> list[dict]:
@@ -29,19 +22,8 @@ def _finished_runs(warehouse) -> list[dict]:
     return [r for r in warehouse.runs() if r["finished_at"] is not None and r["run_id"].startswith("backfill__")]
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
-@pytest.fixture
-def metadata_db():
-    """Several Airflow processes write the metadata database at once: SQLite would lock up."""
-    name = new_pg_database()
-    yield pg_url(name).render_as_string(hide_password=False)
-    drop_pg_database(name)
 
 
 def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox, metadata_db):
@@ -55,7 +37,7 @@ def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox,
     total += 2
     ensure_schema(pg_warehouse.engine)  # so that the test can watch lead_event_sync_runs from the start
 
-    port = _free_port()
+    port = free_port()
     env = airflow_cli_env(tmp_path / "airflow", pg_warehouse, sandbox.url)
     env.update({
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
@@ -76,17 +58,14 @@ def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox,
     cli("db", "migrate")
     cli("pools", "set", "cutmeshort_api", "1", "CutMeShort API sends")
     logs = open(tmp_path / "services.log", "wb")
-    services = [
-        subprocess.Popen(["airflow", *cmd], env=env, stdout=logs, stderr=logs, start_new_session=True)
-        for cmd in (["api-server", "--host", "127.0.0.1", "--port", str(port)], ["scheduler"], ["dag-processor"])
-    ]
+    services = start_airflow_services(env, port, logs)
     try:
-        _wait(lambda: "lead_events_sync" in cli("dags", "list", "-o", "plain"), 120, "the DAG to be parsed")
+        wait_for(lambda: "lead_events_sync" in cli("dags", "list", "-o", "plain"), 120, "the DAG to be parsed")
         cli("dags", "unpause", "lead_events_sync")  # the scheduler runs no task of a paused DAG
         # Latest day first: the verification on the 25th is seen before its signup on the 24th.
         cli("backfill", "create", "--dag-id", "lead_events_sync", "--from-date", "2026-11-24",
             "--to-date", "2026-11-26", "--run-backwards")
-        _wait(lambda: len(_finished_runs(pg_warehouse)) == 3, 240, "three backfill runs")
+        wait_for(lambda: len(_finished_runs(pg_warehouse)) == 3, 240, "three backfill runs")
         runs = {r["partition_date"].isoformat(): r for r in _finished_runs(pg_warehouse)}
         assert sorted(runs) == ["2026-11-24", "2026-11-25", "2026-11-26"]
         assert all(r["run_id"].startswith("backfill__") and r["outcome"] == "success" for r in runs.values())
@@ -98,26 +77,18 @@ def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox,
 
         # The whole range again, then one day cleared in place: nothing is sent twice.
         # One backfill per DAG at a time: the scheduler closes the first one shortly after its last run.
-        _wait(lambda: cli("backfill", "create", "--dag-id", "lead_events_sync", "--from-date", "2026-11-24",
+        wait_for(lambda: cli("backfill", "create", "--dag-id", "lead_events_sync", "--from-date", "2026-11-24",
                           "--to-date", "2026-11-26", "--reprocess-behavior", "completed", may_fail=True) is not None,
               120, "the first backfill to close")
-        _wait(lambda: len(_finished_runs(pg_warehouse)) == 3 and all(
+        wait_for(lambda: len(_finished_runs(pg_warehouse)) == 3 and all(
             r["started_at"] > runs[r["partition_date"].isoformat()]["finished_at"] for r in _finished_runs(pg_warehouse)
         ), 240, "the reprocessed backfill runs")
         before = {r["run_id"]: r["finished_at"] for r in _finished_runs(pg_warehouse)}
         cli("tasks", "clear", "lead_events_sync", "-s", "2026-11-25", "-e", "2026-11-25", "-y")
-        _wait(lambda: any(r["finished_at"] > before[r["run_id"]] for r in _finished_runs(pg_warehouse)),
+        wait_for(lambda: any(r["finished_at"] > before[r["run_id"]] for r in _finished_runs(pg_warehouse)),
               240, "the cleared run")
         assert len(sandbox.requests()) == sent
         assert pg_warehouse.status_counts() == {"delivered": total}
     finally:
-        for proc in services:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in services:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop(services)
         logs.close()

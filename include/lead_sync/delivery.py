@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -103,7 +104,8 @@ class Sender:
     def __init__(self, engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter,
                  policy: RetryPolicy, run_id: str, deadline: float, credentials_hint: str = "",
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
-                 progress_every: float = PROGRESS_SECONDS) -> None:
+                 progress_every: float = PROGRESS_SECONDS,
+                 ticks: Callable[[threading.Event, float], bool] | None = None) -> None:
         self.engine = engine
         self.client = client
         self.limiter = limiter
@@ -115,27 +117,45 @@ class Sender:
         # A lease outlives any request the client can make (connect + read timeouts).
         self.lease_seconds = 2 * client.timeout_seconds + 10
         self.report = SendReport()
-        self.clock = clock  # for the progress log only
+        self.clock = clock  # for the progress log's rate only
         self.progress_every = progress_every
-        self._started = self._logged = clock()
+        # How the progress log waits for its next line: a real wait, unless a test steps it.
+        self._ticks = ticks or (lambda stopped, seconds: stopped.wait(seconds))
+        self._started = clock()
 
     def seconds_left(self) -> float:
         return self.deadline - time.time()
 
-    def _progress(self) -> None:
-        """Every `progress_every` seconds: events sent and left, the rate, and an ETA."""
+    def progress(self) -> str:
+        """Events settled and left, the rate so far, and an ETA."""
         now = self.clock()
-        if now - self._logged < self.progress_every:
-            return
-        self._logged = now
         done = self.report.delivered + self.report.rejected + self.report.failed
         left = claims.count_sendable(self.engine)
         rate = done / max(now - self._started, 1e-9)
         eta = f"{left / rate:,.0f}s" if rate > 0 else "unknown"
-        log.info("progress: %d event(s) settled (%d requests), %d left, %.1f events/s, ETA %s",
-                 done, self.report.requests, left, rate, eta)
+        return (f"progress: {done} event(s) settled ({self.report.requests} requests), {left} left, "
+                f"{rate:.1f} events/s, ETA {eta}")
+
+    def _log_progress(self, stopped: threading.Event) -> None:
+        # A thread of its own: a line every `progress_every` seconds, also while the sender
+        # waits for the rate limit or a Retry-After.
+        while not self._ticks(stopped, self.progress_every):
+            try:
+                log.info(self.progress())
+            except Exception:  # noqa: BLE001 - a progress line must never stop a send
+                log.warning("progress: not available this time", exc_info=True)
 
     def run(self) -> SendReport:
+        stopped = threading.Event()
+        reporter = threading.Thread(target=self._log_progress, args=(stopped,), name="send-progress", daemon=True)
+        reporter.start()
+        try:
+            return self._run()
+        finally:
+            stopped.set()
+            reporter.join()
+
+    def _run(self) -> SendReport:
         started = utcnow()
         self.report.recovered_unknown += claims.recover_abandoned(self.engine, self.run_id)
         self._send_all(started)
@@ -162,7 +182,6 @@ class Sender:
                         self.report.budget_exhausted = True
                         break
                     self._deliver(key)
-                    self._progress()
 
     def _deliver(self, key: str) -> None:
         payload = claims.outbox_body(self.engine, key)
