@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.9.30
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test sandbox clean report
+.PHONY: install demo test test-fast sandbox clean report
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The quick loop while working: no PostgreSQL, no Airflow metadata database or processes (about a minute).
+test-fast: install
+	$(BIN)/python -m pytest -m "not postgres and not airflow" $(PYTEST_ARGS)
 
 # The delivery report: make report [WAREHOUSE=<SQLAlchemy URL>] [OUT=<file>]
 report: install

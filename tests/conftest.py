@@ -83,3 +83,14 @@ def sandbox():
     with SandboxServer(host="127.0.0.1", port=0, token=TOKEN, rate_limit_per_minute=60) as server:
         yield server
         assert_vendor_schema([r["body"] for r in server.requests() if r["authorized"]])
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark what needs PostgreSQL or Airflow, so that `make test-fast` can leave it out."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if names & {"pg_warehouse", "metadata_db"} or params.get("warehouse") == "pg":
+            item.add_marker(pytest.mark.postgres)
+        if names & {"airflow_db", "metadata_db"}:
+            item.add_marker(pytest.mark.airflow)
