@@ -78,12 +78,12 @@ def decide(response: ApiResponse, attempt_in_run: int, policy: RetryPolicy, clai
         return Outcome(label, status=None, reason=f"retrying: {text}", **base)
     now = now or utcnow()
     since = claim.retry_since if claim is not None else now
+    attempt = claim.attempt if claim is not None else attempt_in_run
     hours = (now - since).total_seconds() / 3600
     if hours >= policy.give_up_after_hours:
         return Outcome(FAILED, status=FAILED,
-                       reason=f"gave up after {hours:.1f} h of retries ({claim.attempt if claim else attempt_in_run} "
-                              f"attempts; give_up_after_hours is {policy.give_up_after_hours:g}): {text}", **base)
-    attempt = claim.attempt if claim is not None else attempt_in_run
+                       reason=f"gave up after {hours:.1f} h of retries ({attempt} attempts; "
+                              f"give_up_after_hours is {policy.give_up_after_hours:g}): {text}", **base)
     later = now + retry_later_delay(attempt, policy.max_attempts)
     give_up_at = since + timedelta(hours=policy.give_up_after_hours)
     return Outcome(label, status=None, next_attempt_at=later,

@@ -364,6 +364,14 @@ def known_key(source: SourceConfig, row: dict) -> str | None:
     """
     try:
         utc_moment(row.get("event_time"), "event time")
+    except InvalidValue:
+        return None
+    return _key_of_timed_row(source, row)
+
+
+def _key_of_timed_row(source: SourceConfig, row: dict) -> str | None:
+    """known_key for a row whose event time is known to be readable."""
+    try:
         customer = id_text(row.get("customer_external_id"), "customer id")
         if source.kind == "signup":
             as_flag(row.get("requires_verification"))
@@ -415,7 +423,8 @@ def map_days(source: SourceConfig, frame: pd.DataFrame, days: dict[date, Partiti
         seen = known.get(part.day)
         count = tally.setdefault(part.day, ReadTally())
         if seen is not None:
-            key = known_key(source, row)
+            # Only rows of a look-back day get here, and those had a readable time (row_day).
+            key = _key_of_timed_row(source, row)
             if key in seen:
                 passed += 1
                 count.rows += 1

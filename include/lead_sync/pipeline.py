@@ -114,7 +114,8 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
                 totals["lookback_known"] += passed
                 for day, found in events.items():
                     mapped[day].extend(found)
-    reads, preview = [], [] if dry_run else None
+    reads: list[dict] = []
+    preview: list[state.Preview] | None = [] if dry_run else None
     for day in sorted(parts):
         events, repeats = first_per_key(mapped.pop(day))
         lookback = day in known
