@@ -53,6 +53,19 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait(timeout=10)
 
 
+def local_deployment(port: int, metadata_db: str) -> dict[str, str]:
+    """Settings of a deployment as processes: LocalExecutor, PostgreSQL metadata, the API server on
+    127.0.0.1:port, which the tasks reach for the execution API."""
+    return {
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+    }
+
+
 def start_airflow_services(env: dict[str, str], port: int, log: IO[bytes]) -> list[subprocess.Popen]:
     """The API server (on 127.0.0.1:port), the scheduler and the DAG processor of one deployment.
 

@@ -122,6 +122,19 @@ def drop_pg_database(name: str) -> None:
     admin.dispose()
 
 
+def allow_connections(database: str, allowed: bool) -> None:
+    """Make a test database refuse new connections (and drop the open ones), or accept them again."""
+    admin = create_engine(pg_url(os.environ.get("PGDATABASE", "postgres")), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'))
+            if not allowed:
+                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                             {"d": database})
+    finally:
+        admin.dispose()
+
+
 def cutmeshort_conn(url: str, token: str = TOKEN, **extra) -> str:
     return json.dumps({"conn_type": "http", "host": url, "password": token, "extra": extra})
 

@@ -18,11 +18,11 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import inspect, select
 
 from dagrun import run_through_airflow
 from lead_sync import alerts as core_alerts
-from support import ROOT, TOKEN, Warehouse, pg_url, signups, write_sources
+from support import ROOT, TOKEN, Warehouse, allow_connections, signups, write_sources
 from test_alerts import Inbox, free_port, smtp_conn, smtp_server, webhook  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
@@ -314,17 +314,6 @@ def test_no_alerts_section_sends_nothing_and_fails_nothing(warehouse, sandbox, m
 
 # --- 4. a transient warehouse error, retried by Airflow ---------------------------------------
 
-def _allow_connections(database: str, allowed: bool) -> None:
-    admin = create_engine(pg_url("postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'))
-            if not allowed:
-                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
-                             {"d": database})
-    finally:
-        admin.dispose()
-
 
 @pytest.mark.postgres
 def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sandbox, capfd):
@@ -335,8 +324,8 @@ def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sa
     def pull_the_plug(context) -> None:
         """At the start of the first try of extract_and_map: the warehouse refuses connections for 2 s."""
         if context["ti"].try_number == 1 and not outage:
-            _allow_connections(name, False)
-            outage["timer"] = threading.Timer(2.0, _allow_connections, (name, True))
+            allow_connections(name, False)
+            outage["timer"] = threading.Timer(2.0, allow_connections, (name, True))
             outage["timer"].start()
 
     def adjust(dag) -> None:
@@ -353,7 +342,7 @@ def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sa
     finally:
         if "timer" in outage:
             outage["timer"].join()
-        _allow_connections(name, True)
+        allow_connections(name, True)
     assert outage, "the outage never started"
     assert f'database "{name}" is not currently accepting connections' in task_output  # what try 1 met
     assert result.state == "success", result.tasks

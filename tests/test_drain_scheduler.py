@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, func, select, text
 
 from cutmeshort_sandbox import SandboxServer
 from dagrun import airflow_cli_env
-from processes import free_port, start_airflow_services, stop, wait_for
+from processes import free_port, local_deployment, start_airflow_services, stop, wait_for
 from lead_sync.audit import attempts, deliveries, ensure_schema
 from support import ROOT, TOKEN, signups, write_sources
 from test_faults_e2e import lead_counts, seed_day
@@ -124,12 +124,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
     env = airflow_cli_env(tmp_path / "airflow", wh, api.url, **EXTRA)
     env.update({
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+        **local_deployment(port, metadata_db),
         "LEAD_REPORT_OUT": str(reports),
         # The drain every minute (default 5), so that the test does not wait for a 5-minute tick.
         "LEAD_SYNC_SOURCES": str(write_sources(tmp_path, drain_interval_minutes=1)),

@@ -11,11 +11,11 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import update
 
 from dagrun import airflow_cli_env, run_dag
 from lead_sync.audit import deliveries
-from support import pg_url, signups, verifications
+from support import allow_connections, signups, verifications
 
 pytestmark = [pytest.mark.usefixtures("airflow_db"), pytest.mark.postgres]
 
@@ -238,17 +238,6 @@ def test_kill_9_while_sending_then_rerun_loses_nothing(airflow_db, pg_warehouse,
         assert row["event_key"] in {a["event_key"] for a in unknown}
 
 
-def _allow_connections(database: str, allowed: bool) -> None:
-    admin = create_engine(pg_url("postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
-            if not allowed:
-                conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
-                             {"d": database})
-    finally:
-        admin.dispose()
-
 
 def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, sandbox):
     total = seed_day(pg_warehouse, "2026-11-27", 15)
@@ -259,7 +248,7 @@ def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, 
         deadline = time.monotonic() + 60
         while len(sandbox.requests()) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        _allow_connections(name, False)
+        allow_connections(name, False)
 
     plug = threading.Thread(target=pull_the_plug)
     plug.start()
@@ -267,7 +256,7 @@ def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, 
         state = run_dag(pg_warehouse, sandbox.url, timeout_seconds=1)
     finally:
         plug.join(timeout=90)
-        _allow_connections(name, True)
+        allow_connections(name, True)
     assert state == "failed"
     sent_before = len(lead_counts(sandbox))
     assert 0 < sent_before < total

@@ -7,7 +7,7 @@ from datetime import datetime
 import pytest
 
 from dagrun import airflow_cli_env
-from processes import free_port, start_airflow_services, stop, wait_for
+from processes import free_port, local_deployment, start_airflow_services, stop, wait_for
 from lead_sync.audit import ensure_schema
 from support import signups, verifications
 from test_faults_e2e import lead_counts, seed_day
@@ -39,14 +39,7 @@ def test_backfill_and_clear_under_the_scheduler(tmp_path, pg_warehouse, sandbox,
 
     port = free_port()
     env = airflow_cli_env(tmp_path / "airflow", pg_warehouse, sandbox.url)
-    env.update({
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-    })
+    env.update(local_deployment(port, metadata_db))
 
     def cli(*args: str, may_fail: bool = False) -> str | None:
         done = subprocess.run(["airflow", *args], env=env, capture_output=True, text=True, timeout=180)
