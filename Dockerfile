@@ -5,10 +5,12 @@ FROM apache/airflow:3.3.2-python3.11
 # The official image expects extra packages to be installed by the airflow user, not root.
 USER airflow
 
-# requirements.lock pins every transitive version (the published Airflow constraint files
-# are not used), so the image resolves to the same set as the local virtualenv.
-COPY --chown=airflow:0 requirements.txt requirements.lock /tmp/lead-sync/
-RUN pip install --no-cache-dir -r /tmp/lead-sync/requirements.txt -c /tmp/lead-sync/requirements.lock
+# requirements.lock pins every package, transitive ones included (the published Airflow
+# constraint files are not used). It is installed as it is, with --no-deps: pip resolves
+# nothing, and each package the lock names gets the version the local virtualenv and the
+# tests run with. The lock also pins the few test-only packages (pytest and the like).
+COPY --chown=airflow:0 requirements.lock /tmp/lead-sync/
+RUN pip install --no-cache-dir --no-deps -r /tmp/lead-sync/requirements.lock
 
 # Baked in so the image runs on its own; docker-compose.yaml mounts the checkout over these.
 COPY --chown=airflow:0 dags/ /opt/airflow/dags/

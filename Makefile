@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.9.30
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast sandbox clean report
+.PHONY: install demo test test-fast sandbox clean report compose-env
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ report: install
 
 sandbox: install
 	$(BIN)/python -m cutmeshort_sandbox --port $${SANDBOX_PORT:-8765}
+
+# docker-compose.yaml's secrets: writes the ones .env lacks, with fresh random values (never overwrites).
+compose-env:
+	python3 scripts/compose_env.py
 
 clean:
 	rm -rf $(VENV) .demo

@@ -19,12 +19,16 @@ from lead_sync_airflow.operators import (
     CheckOutcomeOperator,
     ExtractLeadEventsOperator,
     LeadEventsSummaryOperator,
+    PlanSendBatchesOperator,
     SendLeadEventsOperator,
 )
 
 config = load_config()
 # Reading, mapping and the summary are safe to repeat: a transient warehouse error is retried.
 REPEATABLE = dict(retries=2, retry_delay=timedelta(seconds=30))
+# A send batch too: its claims make a retry (say, after its worker died) send nothing already
+# delivered, and a request that died on the wire is audited `unknown` and sent again.
+SEND_RETRIES = dict(retries=2, retry_delay=timedelta(seconds=30))
 
 
 @dag(
@@ -48,13 +52,15 @@ REPEATABLE = dict(retries=2, retry_delay=timedelta(seconds=30))
 )
 def lead_events_sync():
     extract = ExtractLeadEventsOperator(task_id="extract_and_map", **REPEATABLE)
-    send = SendLeadEventsOperator(
-        task_id="send_lead_events",
-        pool="cutmeshort_api",
-        time_budget_seconds="{{ params.time_budget_seconds }}",
-    )
+    plan = PlanSendBatchesOperator(task_id="plan_send_batches", time_budget_seconds="{{ params.time_budget_seconds }}",
+                                   **REPEATABLE)
+    # One mapped task per batch; any number run at once, on any worker, under the one rate limit.
+    send = SendLeadEventsOperator.partial(
+        task_id="send_lead_events", pool="cutmeshort_api", time_budget_seconds="{{ params.time_budget_seconds }}",
+        **SEND_RETRIES,
+    ).expand_kwargs(plan.output)
     summary = LeadEventsSummaryOperator(task_id="audit_summary", outlets=[LEAD_EVENT_DELIVERIES], **REPEATABLE)
-    extract >> send >> summary >> CheckOutcomeOperator(task_id="check_outcome")
+    extract >> plan >> send >> summary >> CheckOutcomeOperator(task_id="check_outcome")
 
 
 lead_events_sync()

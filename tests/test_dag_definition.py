@@ -25,24 +25,30 @@ def dag(bag):
 
 def test_tasks_and_wiring(dag):
     assert [t.task_id for t in dag.topological_sort()] == [
-        "extract_and_map", "send_lead_events", "audit_summary", "check_outcome"]
+        "extract_and_map", "plan_send_batches", "send_lead_events", "audit_summary", "check_outcome"]
     send = dag.get_task("send_lead_events")
     assert send.pool == "cutmeshort_api"
+    # Sending is spread over mapped tasks, one per batch the plan returns.
+    assert send.is_mapped and send.upstream_task_ids == {"plan_send_batches"}
     summary = dag.get_task("audit_summary")
     assert summary.trigger_rule == "all_done"
     # The summary succeeds on a failed run too, so that the Asset is updated; check_outcome fails the run.
     assert [a.name for a in summary.outlets] == ["lead_event_deliveries"]
     assert dag.get_task("check_outcome").trigger_rule == "all_success"
     assert dag.max_active_runs == 1
-    # Safe to repeat: reading, mapping and the summary retry on transient errors; sending does not.
-    assert (dag.get_task("extract_and_map").retries, summary.retries, send.retries) == (2, 2, 0)
+    # Safe to repeat: reading, mapping, planning and the summary retry on transient errors; a send
+    # batch too (its worker may die), as its claims keep a retry from resending what was delivered.
+    assert (dag.get_task("extract_and_map").retries, dag.get_task("plan_send_batches").retries,
+            summary.retries, send.retries) == (2, 2, 2, 2)
 
 
 def test_drain_sends_what_is_open_every_five_minutes(bag):
     drain = bag.dags["lead_events_drain"]
-    assert [t.task_id for t in drain.topological_sort()] == ["send_open_events", "audit_summary", "check_outcome"]
+    assert [t.task_id for t in drain.topological_sort()] == [
+        "plan_send_batches", "send_open_events", "audit_summary", "check_outcome"]
+    assert drain.get_task("plan_send_batches").only_when_open
     send = drain.get_task("send_open_events")
-    assert send.pool == "cutmeshort_api" and send.only_when_open
+    assert send.pool == "cutmeshort_api" and send.is_mapped
     summary = drain.get_task("audit_summary")
     assert summary.trigger_rule == "none_skipped" and not summary.whole_partition
     assert [a.name for a in summary.outlets] == ["lead_event_deliveries"]

@@ -110,6 +110,26 @@ sync_runs = Table(
     Column("message", Text),
     Column("dry_run", Boolean),  # conf {"dry_run": true}: read and mapped, nothing sent or changed
     Column("would_send", Integer),  # a dry run: the events a real run would send now
+    Column("send_batches", Integer),  # mapped send tasks planned for the run
+    Column("send_deadline", TS),  # every batch of the run stops sending then (its time budget)
+)
+
+# One row per mapped send task of a run: where it ran, when it ended and what it did. A batch
+# planned but not finished (its worker died, it failed) fails the run's summary.
+send_batches = Table(
+    "lead_event_send_batches",
+    metadata,
+    Column("run_id", String(250), primary_key=True),
+    Column("batch", Integer, primary_key=True),
+    Column("host", String(250)),
+    Column("started_at", TS, nullable=False),
+    Column("finished_at", TS),
+    Column("result", String(40)),
+    Column("requests", Integer),
+    Column("delivered", Integer),
+    Column("rejected", Integer),
+    Column("failed", Integer),
+    Column("left_open", Integer),
 )
 
 # What a dry run found: every event it mapped, what a real run would make of it, its body redacted.

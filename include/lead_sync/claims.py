@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy import delete, exists, func, insert, or_, select, true, update
 from sqlalchemy.engine import Engine
 
 from .audit import attempts, deliveries, outbox
@@ -26,10 +26,10 @@ def _due(now: datetime):
     return or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= now)
 
 
-def _sendable(confirms: bool, now: datetime, free: object):
+def _sendable(confirms: bool, now: datetime, free: object, first_status: tuple[str, ...] = (DELIVERED,)):
     """Pending events with a body to send, due, `free` of senders. Event 2 of a deferred flow
-    qualifies only once its event 1 is delivered. `failed` events are final here: only a run
-    of their partition re-opens them."""
+    qualifies only once its event 1 is delivered (`first_status`). `failed` events are final
+    here: only a run of their partition re-opens them."""
     first = deliveries.alias("first")
     query = (
         select(deliveries.c.event_key)
@@ -42,7 +42,7 @@ def _sendable(confirms: bool, now: datetime, free: object):
             exists().where(
                 first.c.customer_external_id == deliveries.c.customer_external_id,
                 first.c.tracking == DEFERRED_START,
-                first.c.status == DELIVERED,
+                first.c.status.in_(first_status),
             ),
         )
     return query.where(deliveries.c.tracking.in_(EVENT_ONE))
@@ -69,6 +69,15 @@ def count_sendable(engine: Engine, now: datetime | None = None) -> int:
     with engine.connect() as conn:
         return sum(conn.execute(select(func.count()).select_from(_sendable(confirms, now, free).subquery())).scalar_one()
                    for confirms in (False, True))
+
+
+def count_to_send(engine: Engine, now: datetime | None = None) -> int:
+    """Events a send starting now would send: what it may take at once or once a lease runs
+    out (a sender stopped with it in flight), and the event 2s whose event 1 it is about to send."""
+    now = now or utcnow()
+    with engine.connect() as conn:
+        return sum(conn.execute(select(func.count()).select_from(
+            _sendable(confirms, now, true(), (DELIVERED, PENDING)).subquery())).scalar_one() for confirms in (False, True))
 
 
 def has_sendable(engine: Engine, now: datetime | None = None) -> bool:

@@ -72,6 +72,10 @@ class SyncConfig(BaseModel):
     lookback_days: int = Field(default=3, ge=0, le=MAX_LOOKBACK_DAYS, strict=True)
     # lead_events_drain sends what is open every so many minutes (section 8: within 5).
     drain_interval_minutes: int = Field(default=5, ge=1, le=5, strict=True)
+    # Sending is spread over mapped tasks of at most this many events each (a run of a few
+    # events is one task), and at most `max_send_batches` of them per run.
+    send_batch_size: int = Field(default=500, ge=1, le=100_000, strict=True)
+    max_send_batches: int = Field(default=16, ge=1, le=1024, strict=True)
     # No section: no alerts, and nothing fails for it.
     alerts: AlertsConfig | None = None
     sources: tuple[SourceConfig, ...] = Field(min_length=1)

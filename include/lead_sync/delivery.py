@@ -105,7 +105,8 @@ class Sender:
                  policy: RetryPolicy, run_id: str, deadline: float, credentials_hint: str = "",
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic,
                  progress_every: float = PROGRESS_SECONDS,
-                 ticks: Callable[[threading.Event, float], bool] | None = None) -> None:
+                 ticks: Callable[[threading.Event, float], bool] | None = None,
+                 max_events: int | None = None) -> None:
         self.engine = engine
         self.client = client
         self.limiter = limiter
@@ -122,6 +123,9 @@ class Sender:
         # How the progress log waits for its next line: a real wait, unless a test steps it.
         self._ticks = ticks or (lambda stopped, seconds: stopped.wait(seconds))
         self._started = clock()
+        # A batch's share: it stops taking events after this many; the run's other batches take the rest.
+        self.max_events = max_events
+        self._taken = 0
 
     def seconds_left(self) -> float:
         return self.deadline - time.time()
@@ -161,7 +165,7 @@ class Sender:
         self._send_all(started)
         # Events a stopped sender left leased can be taken once the lease runs out.
         expiry = claims.next_lease_expiry(self.engine)
-        if expiry is not None and not self.report.budget_exhausted:
+        if expiry is not None and not self.report.budget_exhausted and not self._share_done():
             wait = (expiry - utcnow()).total_seconds() + 0.5
             if wait < self.seconds_left():
                 log.info("waiting %.1fs for in-flight leases of an earlier sender to expire", max(wait, 0))
@@ -181,7 +185,12 @@ class Sender:
                     if self.seconds_left() <= 0:
                         self.report.budget_exhausted = True
                         break
+                    if self._share_done():
+                        return
                     self._deliver(key)
+
+    def _share_done(self) -> bool:
+        return self.max_events is not None and self._taken >= self.max_events
 
     def _deliver(self, key: str) -> None:
         payload = claims.outbox_body(self.engine, key)
@@ -199,6 +208,8 @@ class Sender:
                 # (senders working the same backlog would otherwise waste the shared budget).
                 self.limiter.release()
                 return None
+            if tries == 0:
+                self._taken += 1
             tries += 1
             sent_at = utcnow()
             response = self.client.track_lead(payload)

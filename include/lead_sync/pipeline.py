@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 
-from . import state
-from .audit import attempts, deliveries, dry_run_events, ensure_schema, sync_runs
+from . import claims, state
+from .audit import attempts, deliveries, dry_run_events, ensure_schema, send_batches, sync_runs
 from .client import CutMeShortClient
-from .clock import utcnow
+from .clock import as_utc, utcnow
 from .config import SyncConfig
 from .delivery import CredentialsRefused, SendReport, Sender
 from .events import DELIVERED, FAILED, REJECTED, STATUSES
@@ -149,37 +150,103 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
             **{k: int(v) for k, v in totals.items()}}
 
 
-def send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
-                     run_id: str, time_budget_seconds: float, connection_name: str) -> SendReport:
-    """Send what is open; record how sending ended on the run row, also when credentials are refused."""
+@dataclass(frozen=True)
+class Batch:
+    """One mapped send task of a run: its number, and how many events it takes at most."""
+
+    batch: int
+    max_events: int
+
+
+def plan_send(engine: Engine, run_id: str, time_budget_seconds: float, batch_size: int,
+              max_batches: int) -> list[Batch]:
+    """Split what is open into batches for mapped send tasks: a few events are one batch, a
+    backlog at most `max_batches`. Every batch of the run stops at one deadline (its time budget).
+    No batch when nothing is open: sending is then complete."""
     prepare_engine(engine)
     ensure_schema(engine)
-    sender = Sender(engine, client, limiter, policy, run_id, time.time() + time_budget_seconds,
-                    credentials_hint=connection_name)
+    open_events = claims.count_to_send(engine)
+    count = min(math.ceil(open_events / batch_size), max_batches)
+    share = math.ceil(open_events / count) if count else 0
+    values: dict = dict(send_batches=count, send_deadline=utcnow() + timedelta(seconds=time_budget_seconds))
+    if not count:
+        values.update(send_result=SEND_OK, message=None)
+    with engine.begin() as conn:
+        conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
+    log.info("%d event(s) to send: %d batch(es) of up to %d", open_events, count, share)
+    return [Batch(n, share) for n in range(count)]
+
+
+def send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
+                     run_id: str, time_budget_seconds: float, connection_name: str,
+                     batch: Batch | None = None, host: str | None = None) -> SendReport:
+    """Send what is open (a batch's share of it); record how sending ended, also when credentials are refused."""
+    prepare_engine(engine)
+    ensure_schema(engine)
+    deadline = time.time() + time_budget_seconds
+    run_deadline = _run_deadline(engine, run_id)
+    if run_deadline is not None:
+        deadline = min(deadline, run_deadline.timestamp())
+    if batch is not None:
+        _start_batch(engine, run_id, batch.batch, host)
+    sender = Sender(engine, client, limiter, policy, run_id, deadline, credentials_hint=connection_name,
+                    max_events=batch.max_events if batch is not None else None)
     try:
         report = sender.run()
     except CredentialsRefused as exc:
         _set_send_result(engine, run_id, SEND_CREDENTIALS, str(exc))
+        if batch is not None:
+            _finish_batch(engine, run_id, batch.batch, SEND_CREDENTIALS, sender.report)
         raise
     result = SEND_BUDGET if report.budget_exhausted else SEND_OK
     message = ("time budget used up: the rest stays pending and lead_events_drain goes on sending it"
                if report.budget_exhausted else None)
     _set_send_result(engine, run_id, result, message)
+    if batch is not None:
+        _finish_batch(engine, run_id, batch.batch, result, report)
     return report
 
 
-def send(engine: Engine, api: ApiTarget, run_id: str, time_budget_seconds: float) -> SendReport:
+def send(engine: Engine, api: ApiTarget, run_id: str, time_budget_seconds: float, batch: Batch | None = None,
+         host: str | None = None) -> SendReport:
     """The send stage wired up: the deployment's shared rate limit, a client, the retry policy."""
     settings = api.settings
     limiter = SharedRateLimiter(engine, bucket_name(api.base_url, api.token), settings.rate_limit_per_minute)
     with CutMeShortClient(api.base_url, api.token, settings.timeout_seconds, settings.allow_insecure_http) as client:
         return send_open_events(engine, client, limiter, settings.retry_policy, run_id, time_budget_seconds,
-                                api.connection_name)
+                                api.connection_name, batch, host)
+
+
+def _run_deadline(engine: Engine, run_id: str):
+    with engine.connect() as conn:
+        return as_utc(conn.execute(select(sync_runs.c.send_deadline).where(sync_runs.c.run_id == run_id)).scalar())
+
+
+def _start_batch(engine: Engine, run_id: str, batch: int, host: str | None) -> None:
+    """A batch's row; a retried batch (Airflow's retry of the task) starts it again."""
+    values = dict(host=host, started_at=utcnow(), finished_at=None, result=None)
+    with engine.begin() as conn:
+        if not conn.execute(update(send_batches).where(send_batches.c.run_id == run_id,
+                                                       send_batches.c.batch == batch).values(**values)).rowcount:
+            conn.execute(insert(send_batches).values(run_id=run_id, batch=batch, **values))
+
+
+def _finish_batch(engine: Engine, run_id: str, batch: int, result: str, report: SendReport) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(send_batches).where(send_batches.c.run_id == run_id, send_batches.c.batch == batch).values(
+            finished_at=utcnow(), result=result, requests=report.requests, delivered=report.delivered,
+            rejected=report.rejected, failed=report.failed, left_open=report.left_open))
+
+
+# How sending ended, worst last: with several batches, the run's row keeps the worst of them.
+SEND_RESULTS = (SEND_OK, SEND_BUDGET, SEND_CREDENTIALS)
 
 
 def _set_send_result(engine: Engine, run_id: str, result: str, message: str | None) -> None:
+    rank = case({r: n for n, r in enumerate(SEND_RESULTS)}, value=sync_runs.c.send_result, else_=-1)
     with engine.begin() as conn:
-        conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(send_result=result, message=message))
+        conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id, rank <= SEND_RESULTS.index(result))
+                     .values(send_result=result, message=message))
 
 
 def _summarise_dry_run(conn, run, dag_id: str) -> RunSummary:
@@ -265,8 +332,14 @@ def summarise(engine: Engine, run_id: str, partition_day: date, dag_id: str = "l
         send_result = run["send_result"] if run else None
         message = run["message"] if run else None
         gave_up = decided.get(FAILED, 0)  # failed in an earlier run: counted, but not this run's failure
+        planned = (run["send_batches"] or 0) if run else 0
+        finished = conn.execute(select(func.count()).select_from(send_batches).where(
+            send_batches.c.run_id == run_id, send_batches.c.finished_at.is_not(None))).scalar_one()
         if send_result == SEND_CREDENTIALS:
             outcome = "failed"
+        elif finished < planned:
+            outcome, message = "failed", (f"{planned - finished} of {planned} send batch(es) did not finish (see their "
+                                          "task logs); their events stay pending and lead_events_drain sends them")
         elif send_result is None:
             outcome, message = "failed", message or "sending did not complete (see the send task's log)"
         elif gave_up:

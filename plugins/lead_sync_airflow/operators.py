@@ -5,7 +5,7 @@ from datetime import date
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from lead_sync import claims, pipeline
 from lead_sync.audit import ensure_schema
@@ -14,7 +14,6 @@ from lead_sync.config import ConfigError, load_config
 from lead_sync.delivery import CredentialsRefused
 from lead_sync.mapping import SourceShapeError
 from lead_sync.partition import Partition, resolve_partition
-from lead_sync.sources import prepare_engine
 
 from lead_sync_airflow.hooks import CutMeShortHook, warehouse_engine
 from lead_sync_airflow.notify import raise_alerts
@@ -75,46 +74,78 @@ class ExtractLeadEventsOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
 
 
-class SendLeadEventsOperator(BaseOperator):
-    """Sends every open lead event within the rate limit and the run's time budget.
+class PlanSendBatchesOperator(BaseOperator):
+    """Splits what is open into batches for the mapped send tasks; returns their arguments.
 
     With `only_when_open`, a run that finds nothing to send is skipped (the drain's idle runs).
+    A dry run plans no batch.
     """
+
+    template_fields: Sequence[str] = ("warehouse_conn_id", "time_budget_seconds", "run_label")
+
+    def __init__(self, *, warehouse_conn_id: str = "warehouse_default", time_budget_seconds: float | str = 3300,
+                 run_label: str = RUN_LABEL, only_when_open: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.warehouse_conn_id = warehouse_conn_id
+        self.time_budget_seconds = time_budget_seconds
+        self.run_label = run_label
+        self.only_when_open = only_when_open
+
+    def execute(self, context: Any) -> list[dict]:
+        if not self.only_when_open and dry_run_of(context):
+            self.log.info("dry run: nothing is sent")
+            return []
+        try:
+            config = load_config()
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None
+        engine = warehouse_engine(self.warehouse_conn_id)
+        if self.only_when_open:
+            ensure_schema(engine)
+            if not claims.has_sendable(engine):
+                raise AirflowSkipException("nothing is open: no event to send")
+            pipeline.start_run(engine, self.run_label, _today(), self.dag_id)
+        batches = pipeline.plan_send(engine, self.run_label, float(self.time_budget_seconds),
+                                     config.send_batch_size, config.max_send_batches)
+        return [{"batch": b.batch, "max_events": b.max_events} for b in batches]
+
+
+class SendLeadEventsOperator(BaseOperator):
+    """Sends open lead events within the shared rate limit and the run's time budget: one batch
+    (a mapped task's share of them), or everything open when no batch is given."""
 
     template_fields: Sequence[str] = ("warehouse_conn_id", "cutmeshort_conn_id", "time_budget_seconds", "run_label")
 
     def __init__(self, *, warehouse_conn_id: str = "warehouse_default",
                  cutmeshort_conn_id: str = "cutmeshort_default",
                  time_budget_seconds: float | str = 3300, run_label: str = RUN_LABEL,
-                 only_when_open: bool = False, **kwargs: Any) -> None:
+                 batch: int | None = None, max_events: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.warehouse_conn_id = warehouse_conn_id
         self.cutmeshort_conn_id = cutmeshort_conn_id
         self.time_budget_seconds = time_budget_seconds
         self.run_label = run_label
-        self.only_when_open = only_when_open
+        self.batch = batch
+        self.max_events = max_events
 
     def execute(self, context: Any) -> dict:
-        if not self.only_when_open and dry_run_of(context):
-            self.log.info("dry run: nothing is sent")
-            return {"requests": 0, "dry_run": True}
         api = CutMeShortHook(self.cutmeshort_conn_id).target()
         engine = warehouse_engine(self.warehouse_conn_id)
-        if self.only_when_open:
-            ensure_schema(prepare_engine(engine))
-            if not claims.has_sendable(engine):
-                raise AirflowSkipException("nothing is open: no event to send")
-            pipeline.start_run(engine, self.run_label, _today(), self.dag_id)
+        batch = None if self.batch is None else pipeline.Batch(int(self.batch), int(self.max_events or 0) or 10**9)
+        ti = context.get("ti")
         try:
-            report = pipeline.send(engine, api, self.run_label, float(self.time_budget_seconds))
+            report = pipeline.send(engine, api, self.run_label, float(self.time_budget_seconds), batch,
+                                   host=getattr(ti, "hostname", None))
         except CredentialsRefused as exc:
             raise AirflowFailException(str(exc)) from None
-        self.log.info("sent %d request(s): %d delivered, %d rejected, %d gave up, %d left for a later run%s",
-                      report.requests, report.delivered, report.rejected, report.failed, report.left_open,
+        self.log.info("%ssent %d request(s): %d delivered, %d rejected, %d gave up, %d left for a later run%s",
+                      "" if batch is None else f"batch {batch.batch}: ", report.requests, report.delivered,
+                      report.rejected, report.failed, report.left_open,
                       "; time budget used up, the rest stays pending" if report.budget_exhausted else "")
         if report.failed:
-            raise AirflowException(f"{report.failed} event(s) gave up after give_up_after_hours of retries "
-                                   "(status failed); a run of their partition re-opens them")
+            # Final for this run: a retry of the task would have nothing to do.
+            raise AirflowFailException(f"{report.failed} event(s) gave up after give_up_after_hours of retries "
+                                       "(status failed); a run of their partition re-opens them")
         return {"requests": report.requests, "delivered": report.delivered, "rejected": report.rejected,
                 "failed": report.failed, "left_open": report.left_open,
                 "budget_exhausted": report.budget_exhausted, "recovered_unknown": report.recovered_unknown}

@@ -1,0 +1,132 @@
+"""Sending in mapped batches: the plan, batches at once under one limit, a batch that never finished."""
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import create_engine, select, update
+
+from lead_sync import pipeline
+from lead_sync.audit import send_batches, sync_runs
+from lead_sync.client import CutMeShortClient
+from lead_sync.ratelimit import SharedRateLimiter
+from lead_sync.retry import RetryPolicy
+from lead_sync.sources import prepare_engine
+
+from support import TOKEN
+from test_delivery import DAY, seed, sent, signup, verification
+
+
+def _batch_rows(wh, run_id: str) -> list[dict]:
+    with wh.engine.connect() as conn:
+        return [dict(r) for r in conn.execute(
+            select(send_batches).where(send_batches.c.run_id == run_id).order_by(send_batches.c.batch)).mappings()]
+
+
+def _send_batch(url, sandbox, run_id: str, batch: pipeline.Batch, per_minute: int | None = 600,
+                budget: float = 30.0, host: str | None = None) -> pipeline.SendReport:
+    """One mapped send task: its own engine and client, as on a worker."""
+    engine = prepare_engine(create_engine(url))
+    try:
+        with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2.0) as client:
+            limiter = SharedRateLimiter(engine, "batch-bucket", per_minute)
+            return pipeline.send_open_events(engine, client, limiter, RetryPolicy(3, 0.05, 0.5), run_id, budget,
+                                             "cutmeshort_default", batch, host)
+    finally:
+        engine.dispose()
+
+
+def test_a_few_events_are_one_batch_and_a_backlog_a_bounded_number(warehouse):
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 11)))
+    assert pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=500, max_batches=16) == [pipeline.Batch(0, 10)]
+    assert pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=3, max_batches=16) == [
+        pipeline.Batch(n, 3) for n in range(4)]
+    # A backlog larger than max_batches batches: still max_batches, each taking a larger share.
+    assert pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=1, max_batches=4) == [
+        pipeline.Batch(n, 3) for n in range(4)]
+    with warehouse.engine.connect() as conn:
+        assert conn.execute(select(sync_runs.c.send_batches).where(sync_runs.c.run_id == run_id)).scalar() == 4
+
+
+def test_event_twos_count_with_their_pending_event_one(warehouse):
+    run_id = seed(warehouse, signup(1, deferred=True), verified=(verification(1),))
+    assert pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=1, max_batches=16) == [
+        pipeline.Batch(0, 1), pipeline.Batch(1, 1)]
+
+
+def test_nothing_open_plans_no_batch_and_the_run_succeeds(warehouse):
+    run_id = seed(warehouse, {**signup(1), "click_id": None})  # skipped: nothing to send
+    assert pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=500, max_batches=16) == []
+    summary = pipeline.summarise(warehouse.engine, run_id, DAY)
+    assert (summary.outcome, summary.send_result) == ("success", pipeline.SEND_OK)
+
+
+def test_batches_at_once_send_every_event_once_under_one_limit(warehouse, sandbox):
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 25)), signup(30, deferred=True),
+                  verified=(verification(30),))
+    batches = pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=7, max_batches=16)
+    assert len(batches) == 4
+    sandbox.set_faults({"latency_ms": 20})
+    reports, errors = {}, []
+
+    def one(batch: pipeline.Batch) -> None:
+        try:
+            reports[batch.batch] = _send_batch(warehouse.url, sandbox, run_id, batch, host=f"worker-{batch.batch % 2}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(b,), daemon=True) for b in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and len(reports) == 4, errors
+    # Every event reached the API exactly once, event 2 after its event 1.
+    assert len(sandbox.requests()) == 26 and {s for _, _, s in sent(sandbox)} == {200}
+    order = [(c, e) for c, e, _ in sent(sandbox)]
+    assert order.index(("30", "signup_started")) < order.index(("30", "email_verified"))
+    assert warehouse.status_counts() == {"delivered": 26}
+    assert all(r.requests <= 7 for r in reports.values())
+    rows = _batch_rows(warehouse, run_id)
+    assert [r["batch"] for r in rows] == [0, 1, 2, 3] and all(r["finished_at"] is not None for r in rows)
+    assert sum(r["delivered"] for r in rows) == 26 and {r["host"] for r in rows} == {"worker-0", "worker-1"}
+    summary = pipeline.summarise(warehouse.engine, run_id, DAY)
+    assert (summary.outcome, summary.requests_sent, summary.counts) == ("success", 26, {"delivered": 26})
+
+
+def test_a_batch_that_never_finished_fails_the_run_until_its_retry_does(warehouse, sandbox):
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 7)))
+    first, second = pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=3, max_batches=16)
+    assert _send_batch(warehouse.url, sandbox, run_id, first).delivered == 3
+    # The second batch's worker died at its start: its row says it started, not that it finished.
+    pipeline._start_batch(warehouse.engine, run_id, second.batch, "worker-b")
+    summary = pipeline.summarise(warehouse.engine, run_id, DAY)
+    assert summary.outcome == "failed"
+    assert summary.message.startswith("1 of 2 send batch(es) did not finish")
+    assert summary.counts == {"delivered": 3, "pending": 3}
+    # Airflow retries the batch: it sends the rest, nothing twice, and the summary is whole again.
+    assert _send_batch(warehouse.url, sandbox, run_id, second, host="worker-a").delivered == 3
+    assert len(sandbox.requests()) == 6
+    summary = pipeline.summarise(warehouse.engine, run_id, DAY)
+    assert (summary.outcome, summary.counts, summary.requests_sent) == ("success", {"delivered": 6}, 6)
+    assert [r["host"] for r in _batch_rows(warehouse, run_id)] == [None, "worker-a"]
+
+
+def test_the_run_row_keeps_the_worst_way_a_batch_ended(warehouse, sandbox):
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 5)))
+    first, second = pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=2, max_batches=16)
+    # The first batch runs out of time (a budget of 0 s): the rest stays pending.
+    assert _send_batch(warehouse.url, sandbox, run_id, first, budget=0).budget_exhausted
+    assert _send_batch(warehouse.url, sandbox, run_id, second).delivered == 2
+    with warehouse.engine.connect() as conn:
+        result = conn.execute(select(sync_runs.c.send_result).where(sync_runs.c.run_id == run_id)).scalar()
+    assert result == pipeline.SEND_BUDGET
+
+
+def test_every_batch_stops_at_the_run_deadline(warehouse, sandbox):
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 5)))
+    (batch,) = pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=500, max_batches=16)
+    with warehouse.engine.begin() as conn:  # the run's budget was used up by batches before this one
+        conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(
+            send_deadline=pipeline.utcnow()))
+    report = _send_batch(warehouse.url, sandbox, run_id, batch, budget=600)
+    assert report.budget_exhausted and report.requests == 0 and sandbox.requests() == []
