@@ -75,3 +75,84 @@ def start_airflow_services(env: dict[str, str], port: int, log: IO[bytes]) -> li
     return [start(["airflow", *cmd], env, log)
             for cmd in (["api-server", "--host", "127.0.0.1", "--port", str(port)],
                         ["scheduler", "--skip-serve-logs"], ["dag-processor"])]
+
+
+def worker_hostname() -> str:
+    """`[core] hostname_callable` of a test's Celery worker: the name in LEAD_SYNC_WORKER_NAME, since
+    two workers on one machine would otherwise record the same host on their task instances."""
+    return os.environ["LEAD_SYNC_WORKER_NAME"]
+
+
+def celery_deployment(port: int, metadata_db: str, broker_url: str) -> dict[str, str]:
+    """`local_deployment` with CeleryExecutor: tasks go through the broker (Redis) to `airflow celery
+    worker` processes; task results are kept in the metadata database."""
+    from sqlalchemy.engine import make_url
+
+    backend = make_url(metadata_db).set(drivername="postgresql").render_as_string(hide_password=False)
+    return {
+        **local_deployment(port, metadata_db),
+        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{backend}",
+    }
+
+
+def start_celery_worker(env: dict[str, str], name: str, log: IO[bytes], concurrency: int = 1) -> subprocess.Popen:
+    """`airflow celery worker` named `name`, to Celery (-H) and on the task instances it runs.
+
+    Its own pid file (the default one in AIRFLOW_HOME is shared by every worker of that home);
+    --skip-serve-logs: the log server would take the fixed port 8793 on every interface, once
+    per worker; the API server reads the task logs from disk.
+    """
+    worker_env = {
+        **env,
+        "LEAD_SYNC_WORKER_NAME": name,
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "processes.worker_hostname",  # importable through PYTHONPATH
+        "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if p),
+    }
+    pid_file = Path(env["AIRFLOW_HOME"]) / f"airflow-worker-{name}.pid"
+    return start(["airflow", "celery", "worker", "-H", name, "-c", str(concurrency), "--skip-serve-logs",
+                  "--pid", str(pid_file)], worker_env, log)
+
+
+def _tree(proc: subprocess.Popen) -> list:
+    """The process and all its descendants, while they are still attached to it."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL to a process, its group and every descendant, as when its machine dies. Its group is
+    not all: a task's supervisor puts the task process in a process group of its own."""
+    import psutil
+
+    found = _tree(proc)  # before anything dies: an orphan is no longer found under the process
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for each in found:
+        try:
+            each.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=10)
+
+
+def stop_trees(procs: list[subprocess.Popen]) -> None:
+    """`stop`, then SIGKILL to whatever the processes had started that outlived them (task
+    processes in process groups of their own)."""
+    import psutil
+
+    found = [each for proc in procs for each in _tree(proc)[1:]]
+    stop(procs)
+    for each in found:
+        try:
+            each.kill()
+        except psutil.NoSuchProcess:
+            pass

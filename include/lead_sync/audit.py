@@ -202,18 +202,24 @@ rate_slots = Table(
 Index("ix_lead_event_rate_slots_bucket", rate_slots.c.bucket, rate_slots.c.granted_at)
 
 
-def _add_missing_columns(engine: Engine) -> None:
+# What auditors read: with a separate state store, these (and the views) are copied to the
+# warehouse; the outbox, the rate-limit window and the alert state stay in the state store.
+AUDIT_TABLES = (deliveries, attempts, sync_runs, source_reads, dry_run_events, send_batches)
+
+
+def _add_missing_columns(engine: Engine, tables) -> None:
     """Tables made by an earlier version get the columns and indexes added since (all nullable)."""
     found = inspect(engine)
-    for table in metadata.sorted_tables:
+    for table in tables:
         if not found.has_table(table.name):
             continue
         have = {c["name"] for c in found.get_columns(table.name)}
         missing = [c for c in table.columns if c.name not in have]
-        with engine.begin() as conn:
-            for column in missing:
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+        if missing:
+            with engine.begin() as conn:
+                for column in missing:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
         indexes = {i["name"] for i in found.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in indexes:
@@ -241,12 +247,14 @@ def drop_schema(engine: Engine) -> None:
     metadata.drop_all(engine)
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create whatever audit table, column, index or view is missing; safe when several tasks race to do it."""
+def ensure_schema(engine: Engine, tables=None) -> None:
+    """Create whatever table (of `tables`, default all), column, index or view is missing; safe
+    when several tasks race to do it."""
+    tables = list(tables or metadata.sorted_tables)
     for attempt in range(3):
         try:
-            metadata.create_all(engine, checkfirst=True)
-            _add_missing_columns(engine)
+            metadata.create_all(engine, tables=tables, checkfirst=True)
+            _add_missing_columns(engine, tables)
             _create_missing_views(engine)
             return
         except SQLAlchemyError:

@@ -10,6 +10,7 @@ from datetime import date, timedelta
 
 from sqlalchemy import case, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import claims, state
 from .audit import attempts, deliveries, dry_run_events, ensure_schema, send_batches, sync_runs
@@ -23,7 +24,9 @@ from .partition import Partition, contiguous, days_window
 from .ratelimit import SharedRateLimiter, bucket_name
 from .retry import RetryPolicy
 from .settings import ApiTarget
-from .sources import prepare_engine, read_source_chunks
+from .publish import publish_audit
+from .sources import read_source_chunks
+from .stores import Stores, as_stores, ensure_stores
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def account_reads(engine: Engine, run_id: str, day: date, lookback: bool, tallie
     return rows
 
 
-def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, run_id: str,
+def extract_and_map(stores: Engine | Stores, config: SyncConfig, partition: Partition, run_id: str,
                     dag_id: str | None = None, dry_run: bool = False) -> dict:
     """Read the partition, the look-back days before it and every partition with pending events;
     record the mapped events. The run's own partition re-opens its `failed` events.
@@ -93,8 +96,9 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
     A dry run records nothing of the events: it writes what a real run would make of each
     (lead_event_dry_run_events) and how many it would send now (its lead_event_sync_runs row).
     """
-    prepare_engine(engine)
-    ensure_schema(engine)
+    stores = as_stores(stores)
+    ensure_stores(stores)
+    engine = stores.state  # what is recorded; the sources are read from stores.warehouse
     start_run(engine, run_id, partition.day, dag_id, dry_run)
     plan = plan_read(engine, config, partition)
     names = [s.name for s in config.sources]
@@ -110,7 +114,7 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
         days = {d: p for d, p in parts.items() if first <= d <= last}
         home = parts[plan.home] if first <= plan.home <= last else None
         for source in config.sources:
-            for frame in read_source_chunks(engine, config, source, window):
+            for frame in read_source_chunks(stores.warehouse, config, source, window):
                 events, passed = map_days(source, frame, days, home, known, tallies[source.name])
                 totals["lookback_known"] += passed
                 for day, found in events.items():
@@ -145,6 +149,7 @@ def extract_and_map(engine: Engine, config: SyncConfig, partition: Partition, ru
                  totals["would_send"])
     with engine.begin() as conn:
         conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(**values))
+    publish_audit(stores)
     return {"partition_date": partition.day.isoformat(), "partitions_read": [d.isoformat() for d in plan.full],
             "lookback_read": [d.isoformat() for d in plan.lookback],
             **{k: int(v) for k, v in totals.items()}}
@@ -158,13 +163,14 @@ class Batch:
     max_events: int
 
 
-def plan_send(engine: Engine, run_id: str, time_budget_seconds: float, batch_size: int,
+def plan_send(stores: Engine | Stores, run_id: str, time_budget_seconds: float, batch_size: int,
               max_batches: int) -> list[Batch]:
     """Split what is open into batches for mapped send tasks: a few events are one batch, a
     backlog at most `max_batches`. Every batch of the run stops at one deadline (its time budget).
     No batch when nothing is open: sending is then complete."""
-    prepare_engine(engine)
-    ensure_schema(engine)
+    stores = as_stores(stores)
+    ensure_stores(stores)
+    engine = stores.state
     open_events = claims.count_to_send(engine)
     count = min(math.ceil(open_events / batch_size), max_batches)
     share = math.ceil(open_events / count) if count else 0
@@ -177,12 +183,30 @@ def plan_send(engine: Engine, run_id: str, time_budget_seconds: float, batch_siz
     return [Batch(n, share) for n in range(count)]
 
 
-def send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
+def send_open_events(stores: Engine | Stores, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
                      run_id: str, time_budget_seconds: float, connection_name: str,
                      batch: Batch | None = None, host: str | None = None) -> SendReport:
-    """Send what is open (a batch's share of it); record how sending ended, also when credentials are refused."""
-    prepare_engine(engine)
+    """Send what is open (a batch's share of it); record how sending ended, also when credentials are
+    refused. With a separate state store, the batch's audit reaches the warehouse in one transaction."""
+    stores = as_stores(stores)
+    engine = stores.state
     ensure_schema(engine)
+    try:
+        return _send_open_events(engine, client, limiter, policy, run_id, time_budget_seconds, connection_name,
+                                 batch, host)
+    finally:
+        try:
+            publish_audit(stores)
+        except SQLAlchemyError as exc:
+            # Every outcome is safe in the state store: the next copy (the run's summary at the
+            # latest) writes what this one could not.
+            log.warning("the audit could not be copied to the warehouse now (%s); the next copy writes it",
+                        str(exc).splitlines()[0])
+
+
+def _send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
+                      run_id: str, time_budget_seconds: float, connection_name: str, batch: Batch | None,
+                      host: str | None) -> SendReport:
     deadline = time.time() + time_budget_seconds
     run_deadline = _run_deadline(engine, run_id)
     if run_deadline is not None:
@@ -207,13 +231,14 @@ def send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRa
     return report
 
 
-def send(engine: Engine, api: ApiTarget, run_id: str, time_budget_seconds: float, batch: Batch | None = None,
-         host: str | None = None) -> SendReport:
+def send(stores: Engine | Stores, api: ApiTarget, run_id: str, time_budget_seconds: float,
+         batch: Batch | None = None, host: str | None = None) -> SendReport:
     """The send stage wired up: the deployment's shared rate limit, a client, the retry policy."""
     settings = api.settings
-    limiter = SharedRateLimiter(engine, bucket_name(api.base_url, api.token), settings.rate_limit_per_minute)
+    stores = as_stores(stores)
+    limiter = SharedRateLimiter(stores.state, bucket_name(api.base_url, api.token), settings.rate_limit_per_minute)
     with CutMeShortClient(api.base_url, api.token, settings.timeout_seconds, settings.allow_insecure_http) as client:
-        return send_open_events(engine, client, limiter, settings.retry_policy, run_id, time_budget_seconds,
+        return send_open_events(stores, client, limiter, settings.retry_policy, run_id, time_budget_seconds,
                                 api.connection_name, batch, host)
 
 
@@ -299,12 +324,19 @@ class RunSummary:
 TOP_REASONS = 5
 
 
-def summarise(engine: Engine, run_id: str, partition_day: date, dag_id: str = "lead_events_sync",
+def summarise(stores: Engine | Stores, run_id: str, partition_day: date, dag_id: str = "lead_events_sync",
               whole_partition: bool = True) -> RunSummary:
     """Counts per status of the events this run touched (and, with `whole_partition`, of its
     partition); closes the run row. A run fails when an event gave up in it, or sending did not end."""
-    prepare_engine(engine)
-    ensure_schema(engine)
+    stores = as_stores(stores)
+    ensure_stores(stores)
+    try:
+        return _summarise(stores.state, run_id, partition_day, dag_id, whole_partition)
+    finally:
+        publish_audit(stores)  # also what a batch that died before its own copy left behind
+
+
+def _summarise(engine: Engine, run_id: str, partition_day: date, dag_id: str, whole_partition: bool) -> RunSummary:
     scope = deliveries.c.last_run_id == run_id
     if whole_partition:
         scope = or_(deliveries.c.partition_date == partition_day, scope)

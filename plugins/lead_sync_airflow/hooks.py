@@ -4,20 +4,39 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from sqlalchemy.engine import Engine
 
 from lead_sync.client import CutMeShortClient
 from lead_sync.ratelimit import bucket_name
 from lead_sync.settings import ApiSettings, ApiTarget, parse_api_settings
 from lead_sync.sources import prepare_engine
+from lead_sync.stores import Stores, open_stores
+
+STATE_CONN_ID = "lead_sync_state"
 
 
 def warehouse_engine(conn_id: str = "warehouse_default") -> Engine:
     """Any SQL connection whose provider hook builds a SQLAlchemy engine (common-sql)."""
-    hook = BaseHook.get_connection(conn_id).get_hook()
+    return prepare_engine(_sql_engine(BaseHook.get_connection(conn_id), conn_id))
+
+
+def _sql_engine(conn, conn_id: str) -> Engine:
+    hook = conn.get_hook()
     if not hasattr(hook, "get_sqlalchemy_engine"):
         raise ValueError(f"connection {conn_id!r} is not a SQL connection with a SQLAlchemy engine")
-    return prepare_engine(hook.get_sqlalchemy_engine())
+    return hook.get_sqlalchemy_engine()
+
+
+def stores(warehouse_conn_id: str = "warehouse_default", state_conn_id: str = STATE_CONN_ID) -> Stores:
+    """The warehouse, and the state store when connection `lead_sync_state` exists (else the
+    warehouse keeps the delivery state)."""
+    warehouse = warehouse_engine(warehouse_conn_id)
+    try:
+        conn = BaseHook.get_connection(state_conn_id)
+    except AirflowNotFoundException:
+        return open_stores(warehouse, None)
+    return open_stores(warehouse, _sql_engine(conn, state_conn_id), state_conn_id)
 
 
 class CutMeShortHook(BaseHook):

@@ -15,7 +15,9 @@ from lead_sync.delivery import CredentialsRefused
 from lead_sync.mapping import SourceShapeError
 from lead_sync.partition import Partition, resolve_partition
 
-from lead_sync_airflow.hooks import CutMeShortHook, warehouse_engine
+from lead_sync.stores import StateStoreError
+
+from lead_sync_airflow.hooks import CutMeShortHook, stores
 from lead_sync_airflow.notify import raise_alerts
 
 # The audit's run id: the DAG run's id. Every DAG but the nightly sync prefixes it with its
@@ -68,9 +70,9 @@ class ExtractLeadEventsOperator(BaseOperator):
         self.log.info("%ssyncing partition %s (%s), look-back %d day(s)", "DRY RUN: " if dry_run else "",
                       partition.day, config.partition_timezone, config.lookback_days)
         try:
-            return pipeline.extract_and_map(warehouse_engine(self.warehouse_conn_id), config, partition,
+            return pipeline.extract_and_map(_stores(self.warehouse_conn_id), config, partition,
                                             self.run_label, self.dag_id, dry_run)
-        except (ConfigError, SourceShapeError) as exc:
+        except (ConfigError, SourceShapeError, StateStoreError) as exc:
             raise AirflowFailException(str(exc)) from None
 
 
@@ -99,13 +101,13 @@ class PlanSendBatchesOperator(BaseOperator):
             config = load_config()
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from None
-        engine = warehouse_engine(self.warehouse_conn_id)
+        both = _stores(self.warehouse_conn_id)
         if self.only_when_open:
-            ensure_schema(engine)
-            if not claims.has_sendable(engine):
+            ensure_schema(both.state)
+            if not claims.has_sendable(both.state):
                 raise AirflowSkipException("nothing is open: no event to send")
-            pipeline.start_run(engine, self.run_label, _today(), self.dag_id)
-        batches = pipeline.plan_send(engine, self.run_label, float(self.time_budget_seconds),
+            pipeline.start_run(both.state, self.run_label, _today(), self.dag_id)
+        batches = pipeline.plan_send(both, self.run_label, float(self.time_budget_seconds),
                                      config.send_batch_size, config.max_send_batches)
         return [{"batch": b.batch, "max_events": b.max_events} for b in batches]
 
@@ -130,11 +132,11 @@ class SendLeadEventsOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict:
         api = CutMeShortHook(self.cutmeshort_conn_id).target()
-        engine = warehouse_engine(self.warehouse_conn_id)
+        both = _stores(self.warehouse_conn_id)
         batch = None if self.batch is None else pipeline.Batch(int(self.batch), int(self.max_events or 0) or 10**9)
         ti = context.get("ti")
         try:
-            report = pipeline.send(engine, api, self.run_label, float(self.time_budget_seconds), batch,
+            report = pipeline.send(both, api, self.run_label, float(self.time_budget_seconds), batch,
                                    host=getattr(ti, "hostname", None))
         except CredentialsRefused as exc:
             raise AirflowFailException(str(exc)) from None
@@ -149,6 +151,14 @@ class SendLeadEventsOperator(BaseOperator):
         return {"requests": report.requests, "delivered": report.delivered, "rejected": report.rejected,
                 "failed": report.failed, "left_open": report.left_open,
                 "budget_exhausted": report.budget_exhausted, "recovered_unknown": report.recovered_unknown}
+
+
+def _stores(warehouse_conn_id: str):
+    """The warehouse and the state store (connection lead_sync_state, when it exists)."""
+    try:
+        return stores(warehouse_conn_id)
+    except StateStoreError as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 def _today() -> date:
@@ -179,14 +189,14 @@ class LeadEventsSummaryOperator(BaseOperator):
             config = load_config()
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from None
-        engine = warehouse_engine(self.warehouse_conn_id)
-        day = partition_of(context, config.zone).day if self.whole_partition else _run_day(engine, self.run_label)
-        summary = pipeline.summarise(engine, self.run_label, day, self.dag_id, self.whole_partition)
+        both = _stores(self.warehouse_conn_id)
+        day = partition_of(context, config.zone).day if self.whole_partition else _run_day(both.state, self.run_label)
+        summary = pipeline.summarise(both, self.run_label, day, self.dag_id, self.whole_partition)
         self.log.info("\n%s", summary.table())
         alert_error = None
         try:
             if not summary.dry_run:
-                raise_alerts(engine, config.alerts, summary, context)
+                raise_alerts(both.state, config.alerts, summary, context)
         except RuntimeError as exc:  # logged with its cause; the next run raises the alert again
             alert_error = f"an alert could not be sent: {exc}"
             self.log.error("%s (check_outcome fails this run for it)", alert_error)
