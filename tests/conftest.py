@@ -24,7 +24,7 @@ from sqlalchemy import create_engine  # noqa: E402
 
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
 
-from support import TOKEN, Warehouse, drop_pg_database, new_pg_database, pg_url  # noqa: E402
+from support import TOKEN, Warehouse, drop_pg_database, new_pg_database, pg_database, pg_url  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +46,8 @@ def metadata_db() -> str:
 
 @pytest.fixture
 def pg_warehouse():
-    name = new_pg_database()
-    engine = create_engine(pg_url(name), pool_pre_ping=True)
-    yield Warehouse("postgres", pg_url(name), engine)
-    engine.dispose()
-    drop_pg_database(name)
+    with pg_database() as (name, engine):
+        yield Warehouse("postgres", pg_url(name), engine)
 
 
 @pytest.fixture

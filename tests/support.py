@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import (
     Boolean, Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, insert, select, text,
@@ -120,6 +124,41 @@ def drop_pg_database(name: str) -> None:
         conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
     admin.dispose()
+
+
+@contextmanager
+def pg_database() -> Iterator[tuple[str, Engine]]:
+    """A fresh PostgreSQL database and an engine on it; dropped afterwards."""
+    name = new_pg_database()
+    engine = create_engine(pg_url(name), pool_pre_ping=True)
+    try:
+        yield name, engine
+    finally:
+        engine.dispose()
+        drop_pg_database(name)
+
+
+def apt_install(binary: str, package: str, *, no_recommends: bool = False) -> str:
+    """A Debian program, installed here when missing (a failure, never a skip, when that fails)."""
+    import pytest
+
+    found = shutil.which(binary)
+    if found:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", *(["--no-install-recommends"] if no_recommends else []), package]
+    for command in (["apt-get", "update", "-q"], install):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.fail(f"{binary} is missing and `{' '.join(command)}` could not run: {exc}")
+        if done.returncode != 0:
+            pytest.fail(f"{binary} is missing and `{' '.join(command)}` failed "
+                        f"(exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
+    found = shutil.which(binary)
+    if not found:
+        pytest.fail(f"`apt-get install {package}` succeeded but no {binary} is on PATH")
+    return found
 
 
 def allow_connections(database: str, allowed: bool) -> None:

@@ -30,7 +30,7 @@ from lead_sync import pipeline
 from lead_sync.config import load_config
 from lead_sync.partition import Partition
 from lead_sync.settings import ApiSettings, ApiTarget
-from support import TOKEN, signups
+from support import TOKEN, apt_install, signups
 
 PREFIX = "/lead-deliveries"
 USER = "auditor"
@@ -99,10 +99,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def _chromium() -> str:
-    """Debian's chromium, installed here when missing (a failure, never a skip, when that fails)."""
-    found = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-    if found:
-        return found
+    """Debian's chromium."""
+    if os.path.exists("/usr/bin/chromium"):
+        return "/usr/bin/chromium"
+    return apt_install("chromium", "chromium")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
         try:

@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from support import apt_install
+
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yaml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -72,10 +74,8 @@ SECRETS = {name: sample_value(name) for name in SECRET_VARIABLES}
 
 @pytest.fixture(scope="session")
 def docker_compose() -> str:
-    """Debian's docker-compose, installed here when missing (a failure, never a skip, when that fails)."""
-    found = shutil.which("docker-compose")
-    if found:
-        return found
+    """Debian's docker-compose: only the compose parser, not the Docker engine it recommends."""
+    return apt_install("docker-compose", "docker-compose", no_recommends=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     # Only the compose parser is needed, not the Docker engine it recommends.
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "docker-compose"]

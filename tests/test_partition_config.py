@@ -501,3 +501,15 @@ def test_drain_interval(tmp_path):
     for bad in ("0", "6", "2.5"):
         message = config_error(tmp_path, f"drain_interval_minutes: {bad}\n" + ONE_SOURCE)
         assert "drain_interval_minutes" in message
+
+
+def test_send_batches(tmp_path):
+    config = load_config(write_config(tmp_path, ONE_SOURCE))
+    assert (config.send_batch_size, config.max_send_batches) == (500, 16)
+    config = load_config(write_config(tmp_path, "send_batch_size: 1\nmax_send_batches: 1024\n" + ONE_SOURCE))
+    assert (config.send_batch_size, config.max_send_batches) == (1, 1024)
+    for key, bad in [("send_batch_size", 0), ("send_batch_size", 100_001), ("send_batch_size", "'50'"),
+                     ("send_batch_size", 2.5), ("max_send_batches", 0), ("max_send_batches", 1025),
+                     ("max_send_batches", "true")]:
+        message = config_error(tmp_path, f"{key}: {bad}\n" + ONE_SOURCE)
+        assert key in message, (key, bad, message)

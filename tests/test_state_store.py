@@ -18,7 +18,7 @@ from lead_sync.retry import RetryPolicy
 from lead_sync.stores import StateStoreError, Stores, open_stores
 
 from dagrun import run_dag
-from support import TOKEN, Warehouse, allow_connections, drop_pg_database, new_pg_database, pg_url, signups, verifications
+from support import TOKEN, Warehouse, allow_connections, pg_database, pg_url, signups, verifications
 from test_delivery import DAY, PARTITION, signup, verification
 
 RUN = "manual__state_store"
@@ -26,20 +26,14 @@ RUN = "manual__state_store"
 
 @pytest.fixture
 def state_db():
-    name = new_pg_database()
-    engine = create_engine(pg_url(name), pool_pre_ping=True)
-    yield engine
-    engine.dispose()
-    drop_pg_database(name)
+    with pg_database() as (_, engine):
+        yield engine
 
 
 @pytest.fixture
 def other_pg_warehouse():
-    name = new_pg_database()
-    engine = create_engine(pg_url(name), pool_pre_ping=True)
-    yield Warehouse("postgres", pg_url(name), engine)
-    engine.dispose()
-    drop_pg_database(name)
+    with pg_database() as (name, engine):
+        yield Warehouse("postgres", pg_url(name), engine)
 
 
 def _seed_sources(wh: Warehouse) -> None:
