@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 UV_VERSION := 0.9.30
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast sandbox clean report compose-env
+.PHONY: install demo test test-fast sandbox clean report bench compose-env
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: install
 # The delivery report: make report [WAREHOUSE=<SQLAlchemy URL>] [OUT=<file>]
 report: install
 	$(BIN)/python scripts/report.py --warehouse '$(or $(WAREHOUSE),sqlite:///.demo/warehouse.db)' --out '$(or $(OUT),.demo/report.html)'
+
+# Throughput side by side with the vendor SDK and dlt (a few minutes; BENCH_ARGS=--quick for a short run).
+bench: install
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 sandbox: install
 	$(BIN)/python -m cutmeshort_sandbox --port $${SANDBOX_PORT:-8765}
