@@ -126,33 +126,31 @@ def _tree(proc: subprocess.Popen) -> list:
         return []
 
 
+def _kill_all(found: list) -> None:
+    import psutil
+
+    for each in found:
+        try:
+            each.kill()  # psutil checks that the pid is still that process's
+        except psutil.NoSuchProcess:
+            pass
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL to a process, its group and every descendant, as when its machine dies. Its group is
     not all: a task's supervisor puts the task process in a process group of its own."""
-    import psutil
-
     found = _tree(proc)  # before anything dies: an orphan is no longer found under the process
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    for each in found:
-        try:
-            each.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _kill_all(found)
     proc.wait(timeout=10)
 
 
 def stop_trees(procs: list[subprocess.Popen]) -> None:
     """`stop`, then SIGKILL to whatever the processes had started that outlived them (task
     processes in process groups of their own)."""
-    import psutil
-
     found = [each for proc in procs for each in _tree(proc)[1:]]
     stop(procs)
-    for each in found:
-        try:
-            each.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _kill_all(found)

@@ -8,6 +8,7 @@ import subprocess
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -107,6 +108,16 @@ class Warehouse:
         for row in self.deliveries().values():
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         return counts
+
+
+def seed_backlog(wh: Warehouse, day: str, count: int, first_id: int) -> None:
+    """`count` non-deferred signups, all inside one day (40 s apart)."""
+    wh.create_sources()
+    start = datetime.fromisoformat(day)
+    wh.add(signups, *[dict(customer_external_id=first_id + n, click_id=f"clk{first_id + n}",
+                           customer_name=f"Name {first_id + n}", customer_email=f"u{first_id + n}@example.com",
+                           customer_avatar=None, signed_up_at=start + timedelta(seconds=20 + 40 * n),
+                           requires_verification=False) for n in range(count)])
 
 
 def new_pg_database() -> str:

@@ -14,7 +14,7 @@ import json
 import subprocess
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
@@ -23,7 +23,7 @@ from cutmeshort_sandbox import SandboxServer
 from dagrun import airflow_cli_env
 from processes import free_port, local_deployment, start_airflow_services, stop, wait_for
 from lead_sync.audit import attempts, deliveries, ensure_schema
-from support import ROOT, TOKEN, signups, write_sources
+from support import ROOT, TOKEN, seed_backlog, write_sources
 from test_faults_e2e import lead_counts, seed_day
 
 pytestmark = pytest.mark.postgres
@@ -73,16 +73,6 @@ DONE = ("success", "failed")
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _seed_backlog(wh, day: str, count: int, first_id: int) -> None:
-    """`count` non-deferred signups, all inside one day (seed_day spaces rows 7 minutes apart: too wide)."""
-    wh.create_sources()
-    start = datetime.fromisoformat(day)
-    wh.add(signups, *[dict(customer_external_id=first_id + n, click_id=f"clk{first_id + n}",
-                           customer_name=f"Name {first_id + n}", customer_email=f"u{first_id + n}@example.com",
-                           customer_avatar=None, signed_up_at=start + timedelta(seconds=20 + 40 * n),
-                           requires_verification=False) for n in range(count)])
 
 
 def _busiest_minute(stamps: list[datetime]) -> int:
@@ -191,7 +181,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         assert api.requests() == []
         assert not any(r["run_id"].startswith("lead_events_drain/") for r in wh.runs())  # idle: skipped, no row
 
-        _seed_backlog(wh, NIGHTLY_DAY, BACKLOG, FIRST_ID)
+        seed_backlog(wh, NIGHTLY_DAY, BACKLOG, FIRST_ID)
         # Two events of earlier days, for part 3; no run below reads those days until then.
         seed_day(wh, "2026-11-20", 1, first_id=555, deferred_every=0)
         seed_day(wh, "2026-11-19", 1, first_id=556, deferred_every=0)
