@@ -19,12 +19,15 @@ $(STAMP): requirements.lock pyproject.toml
 demo: install
 	$(BIN)/python scripts/demo.py
 
+# Independent tests on both cores (pytest-xdist), then alone the ones that need the machine to
+# themselves (Airflow deployments as processes, real-time rate-limit rounds).
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not serial" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS)
 
-# The quick loop while working: no PostgreSQL, no Airflow metadata database or processes (about a minute).
+# The quick loop while working: no PostgreSQL, no Airflow metadata database or processes.
 test-fast: install
-	$(BIN)/python -m pytest -m "not postgres and not airflow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not postgres and not airflow and not serial" $(PYTEST_ARGS)
 
 # The delivery report: make report [WAREHOUSE=<SQLAlchemy URL>] [OUT=<file>]
 report: install

@@ -91,3 +91,5 @@ def pytest_collection_modifyitems(items) -> None:
             item.add_marker(pytest.mark.postgres)
         if names & {"airflow_db", "metadata_db"}:
             item.add_marker(pytest.mark.airflow)
+        if "metadata_db" in names:  # a deployment of Airflow processes: it needs the machine to itself
+            item.add_marker(pytest.mark.serial)
