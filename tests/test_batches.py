@@ -13,7 +13,7 @@ from lead_sync.retry import RetryPolicy
 from lead_sync.sources import prepare_engine
 
 from support import TOKEN
-from test_delivery import DAY, seed, sent, signup, verification
+from test_delivery import DAY, Sleeps, seed, sending, sent, signup, verification
 
 
 def _batch_rows(wh, run_id: str) -> list[dict]:
@@ -130,3 +130,20 @@ def test_every_batch_stops_at_the_run_deadline(warehouse, sandbox):
             send_deadline=pipeline.utcnow()))
     report = _send_batch(warehouse.url, sandbox, run_id, batch, budget=600)
     assert report.budget_exhausted and report.requests == 0 and sandbox.requests() == []
+
+
+def test_batches_of_one_run_share_its_attempts_of_an_event(warehouse, sandbox):
+    """An event retried by one batch is held by it between tries: another batch of the same run
+    starting meanwhile does not try it, so the run makes max_attempts attempts, not a set per batch."""
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 5)))
+    first, second = pipeline.plan_send(warehouse.engine, run_id, 60, batch_size=2, max_batches=16)
+    sandbox.set_faults({"permanent_errors": {"1": 500}})
+    # The second batch starts while the first waits to retry customer 1.
+    waits = Sleeps(at_first_wait=lambda: _send_batch(warehouse.url, sandbox, run_id, second))
+    with sending(warehouse, sandbox, run_id, max_attempts=3, per_minute=600, bucket="batch-bucket",
+                 sleep=waits) as sender:
+        sender.max_events = first.max_events
+        sender.run()
+    tried = [r for r in sandbox.requests() if r["body"]["customerExternalId"] == "1"]
+    assert len(tried) == 3 and waits.calls
+    assert warehouse.status_counts() == {"delivered": 3, "pending": 1}

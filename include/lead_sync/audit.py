@@ -62,6 +62,9 @@ deliveries = Table(
     # senders never send one event at once and a dead sender's request is detected.
     Column("inflight_run_id", String(250)),
     Column("inflight_until", TS),
+    # The sender holding the lease: it keeps it between the retries of one run, so that another
+    # sender (another batch of the same run) does not try the event meanwhile.
+    Column("inflight_sender", String(64)),
     # Retrying across runs: give_up_after_hours counts from retry_since (the first attempt,
     # or the re-opening of a failed event); an event left open after a run's attempts
     # waits until next_attempt_at before another run tries it.

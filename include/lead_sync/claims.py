@@ -102,20 +102,25 @@ class Claim:
     retry_since: datetime  # when its retrying began: give_up_after_hours counts from here
 
 
-def claim(engine: Engine, key: str, run_id: str, lease_seconds: float) -> Claim | None:
-    """Take a pending event for one request; None if another sender has it or it closed."""
+def claim(engine: Engine, key: str, run_id: str, lease_seconds: float, sender: str | None = None) -> Claim | None:
+    """Take a pending event for one request; None if another sender has it or it closed.
+    `sender` may take again an event it holds between its retries."""
     now = utcnow()
+    free = deliveries.c.inflight_until.is_(None)
+    if sender is not None:
+        free = or_(free, deliveries.c.inflight_sender == sender)
     with engine.begin() as conn:
         row = conn.execute(
             update(deliveries)
             .where(
                 deliveries.c.event_key == key,
                 deliveries.c.status == PENDING,
-                deliveries.c.inflight_until.is_(None),
+                free,
             )
             .values(
                 attempts=deliveries.c.attempts + 1,
                 inflight_run_id=run_id,
+                inflight_sender=sender,
                 inflight_until=now + timedelta(seconds=lease_seconds),
                 first_attempt_at=func.coalesce(deliveries.c.first_attempt_at, now),
                 retry_since=func.coalesce(deliveries.c.retry_since, now),
@@ -143,15 +148,21 @@ class Outcome:
     next_attempt_at: datetime | None = None  # left open by this run: no run tries it before then
 
 
-def settle(engine: Engine, key: str, attempt: int, run_id: str, sent_at: datetime, result: Outcome) -> None:
-    """Commit one attempt: the append-only attempt row and the event's new state, together."""
+def settle(engine: Engine, key: str, attempt: int, run_id: str, sent_at: datetime, result: Outcome,
+           hold_seconds: float | None = None) -> None:
+    """Commit one attempt: the append-only attempt row and the event's new state, together.
+    With `hold_seconds`, an event this sender retries in the same run stays held by it meanwhile."""
     now = utcnow()
     values: dict = {
         "inflight_run_id": None,
         "inflight_until": None,
+        "inflight_sender": None,
         "http_status": result.http_status,
         "updated_at": now,
     }
+    if hold_seconds and result.status is None and result.next_attempt_at is None:
+        values.pop("inflight_run_id"), values.pop("inflight_sender")
+        values["inflight_until"] = now + timedelta(seconds=hold_seconds)
     if result.response is not None:
         values["response"] = result.response[:RESPONSE_CHARS]
     if result.status is not None:
@@ -184,18 +195,36 @@ def release(engine: Engine, key: str) -> None:
         conn.execute(
             update(deliveries)
             .where(deliveries.c.event_key == key)
-            .values(attempts=deliveries.c.attempts - 1, inflight_run_id=None, inflight_until=None)
+            .values(attempts=deliveries.c.attempts - 1, inflight_run_id=None, inflight_until=None,
+                    inflight_sender=None)
+        )
+
+
+def unhold(engine: Engine, key: str, sender: str) -> None:
+    """A sender done with an event it held between retries lets it go (its last attempt is settled)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(deliveries)
+            .where(deliveries.c.event_key == key, deliveries.c.inflight_sender == sender)
+            .values(inflight_run_id=None, inflight_until=None, inflight_sender=None)
         )
 
 
 def recover_abandoned(engine: Engine, run_id: str) -> int:
-    """Events whose sender died with a request on the wire: audit the unknown outcome, reopen them."""
+    """Events whose sender died with a request on the wire: audit the unknown outcome, reopen them.
+    A sender that died between retries held an event whose last attempt is on record: that one is
+    only let go."""
     now = utcnow()
+    settled = exists().where(attempts.c.event_key == deliveries.c.event_key,
+                             attempts.c.attempt == deliveries.c.attempts)
+    expired = (deliveries.c.inflight_until.is_not(None), deliveries.c.inflight_until < now)
     with engine.begin() as conn:
+        conn.execute(update(deliveries).where(*expired, settled)
+                     .values(inflight_run_id=None, inflight_until=None, inflight_sender=None))
         rows = conn.execute(
             select(deliveries.c.event_key, deliveries.c.attempts, deliveries.c.inflight_run_id,
                    deliveries.c.last_attempt_at)
-            .where(deliveries.c.inflight_until.is_not(None), deliveries.c.inflight_until < now)
+            .where(*expired)
         ).mappings().all()
         for row in rows:
             conn.execute(
@@ -210,7 +239,7 @@ def recover_abandoned(engine: Engine, run_id: str) -> int:
             conn.execute(
                 update(deliveries)
                 .where(deliveries.c.event_key == row["event_key"])
-                .values(inflight_run_id=None, inflight_until=None, updated_at=now,
+                .values(inflight_run_id=None, inflight_until=None, inflight_sender=None, updated_at=now,
                         reason="an earlier request's outcome is unknown (sender stopped); sent again")
             )
     return len(rows)

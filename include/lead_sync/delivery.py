@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
@@ -126,6 +127,9 @@ class Sender:
         # A batch's share: it stops taking events after this many; the run's other batches take the rest.
         self.max_events = max_events
         self._taken = 0
+        # Holds an event between its retries in this run (see claims.settle), so that no other
+        # sender, such as another batch of the same run, tries it meanwhile.
+        self.token = uuid.uuid4().hex
 
     def seconds_left(self) -> float:
         return self.deadline - time.time()
@@ -197,12 +201,13 @@ class Sender:
         if payload is None:
             return
         tries = 0  # attempts by this run; max_attempts counts these
+        held = False  # kept from other senders until this one retries it or lets it go
 
         def attempt() -> Outcome | None:
-            nonlocal tries
+            nonlocal tries, held
             if not self.limiter.acquire(self.deadline):
                 raise _OutOfTime
-            taken = claims.claim(self.engine, key, self.run_id, self.lease_seconds)
+            taken = claims.claim(self.engine, key, self.run_id, self.lease_seconds, self.token)
             if taken is None:
                 # Another sender took it, or it closed meanwhile: no request, so the slot goes back
                 # (senders working the same backlog would otherwise waste the shared budget).
@@ -215,7 +220,9 @@ class Sender:
             response = self.client.track_lead(payload)
             self.report.count(response)
             outcome = decide(response, tries, self.policy, taken)
-            claims.settle(self.engine, key, taken.attempt, self.run_id, sent_at, outcome)
+            claims.settle(self.engine, key, taken.attempt, self.run_id, sent_at, outcome,
+                          hold_seconds=self.policy.backoff_max_seconds + self.lease_seconds)
+            held = outcome.status is None and outcome.next_attempt_at is None
             if outcome.outcome == CREDENTIALS:
                 raise CredentialsRefused(
                     f"the CutMeShort API refused the token ({describe(response)}); "
@@ -235,6 +242,9 @@ class Sender:
         except _OutOfTime:
             self.report.budget_exhausted = True
             return
+        finally:
+            if held:
+                claims.unhold(self.engine, key, self.token)
         if outcome is None:
             return
         if outcome.status == DELIVERED:
