@@ -108,7 +108,7 @@ def test_a_batch_that_never_finished_fails_the_run_until_its_retry_does(warehous
     assert len(sandbox.requests()) == 6
     summary = pipeline.summarise(warehouse.engine, run_id, DAY)
     assert (summary.outcome, summary.counts, summary.requests_sent) == ("success", {"delivered": 6}, 6)
-    assert [r["host"] for r in _batch_rows(warehouse, run_id)] == [None, "worker-a"]
+    assert [(r["host"], r["tries"]) for r in _batch_rows(warehouse, run_id)] == [(None, 1), ("worker-a", 2)]
 
 
 def test_the_run_row_keeps_the_worst_way_a_batch_ended(warehouse, sandbox):

@@ -124,7 +124,8 @@ send_batches = Table(
     metadata,
     Column("run_id", String(250), primary_key=True),
     Column("batch", Integer, primary_key=True),
-    Column("host", String(250)),
+    Column("host", String(250)),  # of its last try; lead_event_delivery_attempts has every request
+    Column("tries", Integer),  # Airflow's tries of the batch task that started (a retry after its worker died)
     Column("started_at", TS, nullable=False),
     Column("finished_at", TS),
     Column("result", String(40)),

@@ -248,12 +248,13 @@ def _run_deadline(engine: Engine, run_id: str):
 
 
 def _start_batch(engine: Engine, run_id: str, batch: int, host: str | None) -> None:
-    """A batch's row; a retried batch (Airflow's retry of the task) starts it again."""
+    """A batch's row; a retried batch (Airflow's retry of the task) starts it again and counts the try."""
     values = dict(host=host, started_at=utcnow(), finished_at=None, result=None)
     with engine.begin() as conn:
         if not conn.execute(update(send_batches).where(send_batches.c.run_id == run_id,
-                                                       send_batches.c.batch == batch).values(**values)).rowcount:
-            conn.execute(insert(send_batches).values(run_id=run_id, batch=batch, **values))
+                                                       send_batches.c.batch == batch)
+                            .values(tries=func.coalesce(send_batches.c.tries, 0) + 1, **values)).rowcount:
+            conn.execute(insert(send_batches).values(run_id=run_id, batch=batch, tries=1, **values))
 
 
 def _finish_batch(engine: Engine, run_id: str, batch: int, result: str, report: SendReport) -> None:
