@@ -34,11 +34,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import requests
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, insert
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from support import pg_database, pg_url, signups, source_metadata  # noqa: E402
+from support import pg_commits, pg_database, pg_url, signups, source_metadata  # noqa: E402
 
 from cutmeshort_sandbox.process import SandboxProcess  # noqa: E402
 from lead_sync import pipeline  # noqa: E402
@@ -69,20 +69,6 @@ def _seed(engine, n: int) -> None:
                                        for i in range(n)])
 
 
-def _commits(database: str) -> int:
-    """Committed transactions of a database less its sessions (PostgreSQL counts each new
-    connection's start-up as one)."""
-    admin = create_engine(pg_url("postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-            commits, sessions = conn.execute(text(
-                "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = :d"), {"d": database}).one()
-            return commits - sessions
-    finally:
-        admin.dispose()
-
-
 def _span(received: list[dict]) -> float:
     moments = sorted(datetime.fromisoformat(r["received_at"].replace("Z", "+00:00")) for r in received)
     return (moments[-1] - moments[0]).total_seconds() if len(moments) > 1 else 0.0
@@ -103,12 +89,12 @@ def ours(n: int, latency_ms: int, limit: int | None) -> dict:
         try:
             api = ApiTarget(sandbox.url, TOKEN, ApiSettings(rate_limit_per_minute=limit or NO_LIMIT))
             engine.dispose()
-            before = _commits(name)
+            before = pg_commits(name)
             started = time.perf_counter()
             report = pipeline.send(engine, api, "bench", 3600)
             seconds = time.perf_counter() - started
             engine.dispose()
-            transactions = _commits(name) - before
+            transactions = pg_commits(name) - before
             received = sandbox.requests()
             busiest = sandbox.stats()["max_requests_in_any_60s"]
         finally:

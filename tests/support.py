@@ -149,6 +149,21 @@ def pg_database() -> Iterator[tuple[str, Engine]]:
         drop_pg_database(name)
 
 
+def pg_commits(database: str) -> int:
+    """A database's committed transactions, from PostgreSQL's own statistics, less one per session
+    opened: PostgreSQL counts each new connection's start-up as a committed transaction (the same
+    view's `sessions` counter says how many there were)."""
+    admin = create_engine(pg_url(os.environ.get("PGDATABASE", "postgres")), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+            commits, sessions = conn.execute(text(
+                "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = :d"), {"d": database}).one()
+            return commits - sessions
+    finally:
+        admin.dispose()
+
+
 def apt_install(binary: str, package: str, *, no_recommends: bool = False) -> str:
     """A Debian program, installed here when missing (a failure, never a skip, when that fails)."""
     import pytest

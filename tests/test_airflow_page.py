@@ -13,7 +13,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import tempfile
 import time
@@ -103,19 +102,6 @@ def _chromium() -> str:
     if os.path.exists("/usr/bin/chromium"):
         return "/usr/bin/chromium"
     return apt_install("chromium", "chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(f"chromium is missing and `{' '.join(command)}` could not run: {exc}")
-        if done.returncode != 0:
-            pytest.fail(f"chromium is missing and `{' '.join(command)}` failed "
-                        f"(exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
-    found = shutil.which("chromium")
-    if not found:
-        pytest.fail("`apt-get install -y chromium` succeeded but no chromium binary is on PATH")
-    return found
 
 
 class DevTools:

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
@@ -76,21 +75,6 @@ SECRETS = {name: sample_value(name) for name in SECRET_VARIABLES}
 def docker_compose() -> str:
     """Debian's docker-compose: only the compose parser, not the Docker engine it recommends."""
     return apt_install("docker-compose", "docker-compose", no_recommends=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Only the compose parser is needed, not the Docker engine it recommends.
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "docker-compose"]
-    for command in (["apt-get", "update", "-q"], install):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(f"docker-compose is missing and `{' '.join(command)}` could not run: {exc}")
-        if done.returncode != 0:
-            pytest.fail(f"docker-compose is missing and `{' '.join(command)}` failed "
-                        f"(exit {done.returncode}):\n{done.stdout[-1500:]}{done.stderr[-1500:]}")
-    found = shutil.which("docker-compose")
-    if not found:
-        pytest.fail("`apt-get install docker-compose` succeeded but no docker-compose is on PATH")
-    return found
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from lead_sync.retry import RetryPolicy
 from lead_sync.stores import StateStoreError, Stores, open_stores
 
 from dagrun import run_dag
-from support import TOKEN, Warehouse, allow_connections, pg_database, pg_url, signups, verifications
+from support import (TOKEN, Warehouse, allow_connections, pg_commits, pg_database, pg_url, signups,
+                     verifications)
 from test_delivery import DAY, PARTITION, signup, verification
 
 RUN = "manual__state_store"
@@ -43,21 +44,6 @@ def _seed_sources(wh: Warehouse) -> None:
     wh.add(verifications, verification(20), verification(21, 40))
 
 
-def _commits(database: str) -> int:
-    """The database's committed transactions, from PostgreSQL's own statistics, less one per
-    session opened: PostgreSQL counts each new connection's start-up as a committed transaction
-    (the same view's `sessions` counter says how many there were)."""
-    admin = create_engine(pg_url("postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-            commits, sessions = conn.execute(text(
-                "SELECT xact_commit, sessions FROM pg_stat_database WHERE datname = :d"), {"d": database}).one()
-            return commits - sessions
-    finally:
-        admin.dispose()
-
-
 def _run(stores: Stores, sandbox, wh: Warehouse, measure: bool = False) -> dict:
     """A whole run through the core: extract, plan, every batch, the summary. With `measure`, the
     warehouse's commits during sending (its engine is disposed around it, which flushes each
@@ -65,14 +51,14 @@ def _run(stores: Stores, sandbox, wh: Warehouse, measure: bool = False) -> dict:
     pipeline.extract_and_map(stores, load_config(), PARTITION, RUN)
     batches = pipeline.plan_send(stores, RUN, 120, batch_size=4, max_batches=16)
     stores.warehouse.dispose()
-    before = _commits(wh.url.database)
+    before = pg_commits(wh.url.database)
     with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2.0) as client:
         limiter = SharedRateLimiter(stores.state, "state-store-bucket", 600)
         for batch in batches:
             pipeline.send_open_events(stores, client, limiter, RetryPolicy(2, 0.05, 0.2), RUN, 120,
                                       "cutmeshort_default", batch, f"worker-{batch.batch % 2}")
     stores.warehouse.dispose()
-    sent_commits = _commits(wh.url.database) - before
+    sent_commits = pg_commits(wh.url.database) - before
     summary = pipeline.summarise(stores, RUN, DAY)
     return {"batches": len(batches), "commits": sent_commits, "summary": summary}
 
