@@ -13,7 +13,7 @@ from lead_sync.retry import RetryPolicy
 from lead_sync.sources import prepare_engine
 
 from support import TOKEN
-from test_delivery import DAY, Sleeps, seed, sending, sent, signup, verification
+from test_delivery import DAY, Sleeps, new_run_id, row, seed, sending, sent, signup, verification
 
 
 def _batch_rows(wh, run_id: str) -> list[dict]:
@@ -147,3 +147,20 @@ def test_batches_of_one_run_share_its_attempts_of_an_event(warehouse, sandbox):
     tried = [r for r in sandbox.requests() if r["body"]["customerExternalId"] == "1"]
     assert len(tried) == 3 and waits.calls
     assert warehouse.status_counts() == {"delivered": 3, "pending": 1}
+
+
+def test_an_event_another_run_left_for_later_is_not_tried_again_by_a_sender_that_listed_it(warehouse, sandbox):
+    """A sender lists events, then works through them. If another run tries one meanwhile and
+    leaves it open for later (after its max_attempts), the first sender does not try it again
+    now: it waits for its next_attempt_at like every run."""
+    run_id = seed(warehouse, *(signup(n, n) for n in range(1, 3)))
+    sandbox.set_faults({"permanent_errors": {"1": 500, "2": 500}})
+    other = new_run_id()
+    # While this sender waits to retry customer 1, another run (a drain) takes customer 2.
+    waits = Sleeps(at_first_wait=lambda: _send_batch(warehouse.url, sandbox, other, pipeline.Batch(0, 1)))
+    with sending(warehouse, sandbox, run_id, max_attempts=3, per_minute=600, bucket="batch-bucket",
+                 sleep=waits) as sender:
+        sender.run()
+    tried = {c: sum(r["body"]["customerExternalId"] == c for r in sandbox.requests()) for c in ("1", "2")}
+    assert tried == {"1": 3, "2": 3} and waits.calls
+    assert row(warehouse, 2)["last_run_id"] == other and row(warehouse, 2)["next_attempt_at"] is not None

@@ -103,7 +103,8 @@ class Claim:
 
 
 def claim(engine: Engine, key: str, run_id: str, lease_seconds: float, sender: str | None = None) -> Claim | None:
-    """Take a pending event for one request; None if another sender has it or it closed.
+    """Take a pending event for one request; None if another sender has it, it closed, or it is
+    not due (another run left it open for later since this sender listed it).
     `sender` may take again an event it holds between its retries."""
     now = utcnow()
     free = deliveries.c.inflight_until.is_(None)
@@ -116,6 +117,7 @@ def claim(engine: Engine, key: str, run_id: str, lease_seconds: float, sender: s
                 deliveries.c.event_key == key,
                 deliveries.c.status == PENDING,
                 free,
+                _due(now),
             )
             .values(
                 attempts=deliveries.c.attempts + 1,
