@@ -167,7 +167,7 @@ def test_malformed_token_is_refused_without_quoting_it(sandbox, token):
 # --- the token stays out of everything readable -----------------------------------------
 
 def test_token_not_in_repr(client):
-    no_token(repr(client), str(client), repr(client._session.auth))
+    no_token(repr(client), str(client), repr(client._pool))
     assert client.base_url in repr(client)
 
 
@@ -212,17 +212,58 @@ def test_email_and_name_quoted_in_an_answer_are_scrubbed(echo):
 
 # --- connection handling ----------------------------------------------------------------
 
-def test_pooled_session_reuses_one_connection(client, sandbox):
+def test_a_thread_reuses_one_connection(client, sandbox):
     for n in range(20):
         assert client.track_lead(lead(n)).http_status == 200
     assert sandbox.stats()["requests"] == 20 and sandbox.stats()["leads"] == 20
-    manager = client._session.get_adapter(client.base_url).poolmanager
+    manager = client._pool
     pools = [manager.pools[key] for key in manager.pools.keys()]
     assert sum(p.num_requests for p in pools) == 20
     assert sum(p.num_connections for p in pools) == 1  # sockets the client opened: one for twenty requests
     server_side = getattr(getattr(sandbox, "_httpd", None), "open_connections", None)
     if server_side is not None:
         assert len(server_side) == 1
+
+
+def test_threads_sending_at_once_each_use_a_connection_of_their_own(client, sandbox):
+    sandbox.set_faults({"latency_ms": 150})
+    barrier = threading.Barrier(6)
+    pools, statuses = {}, []
+
+    def one(n: int) -> None:
+        barrier.wait()
+        for k in range(3):
+            statuses.append(client.track_lead(lead(10 * n + k)).http_status)
+        pools[n] = client._pool
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert statuses == [200] * 18 and sandbox.stats()["leads"] == 18
+    assert len({id(p) for p in pools.values()}) == 6 and client._pool not in pools.values()
+    # Each thread kept its connection: one per thread for its three requests.
+    for manager in pools.values():
+        assert sum(manager.pools[key].num_connections for key in manager.pools.keys()) == 1
+    # The six were on the wire together: the sandbox received them within one answer's time (150 ms).
+    moments = sorted(datetime.fromisoformat(r["received_at"].replace("Z", "+00:00")) for r in sandbox.requests())
+    assert (moments[5] - moments[0]).total_seconds() < 0.15
+    client.close()
+    assert client._pools == []
+
+
+def test_a_connection_idle_too_long_is_not_used_again(client, sandbox, monkeypatch):
+    import lead_sync.client as client_module
+
+    assert client.track_lead(lead(1)).http_status == 200
+    assert client.track_lead(lead(2)).http_status == 200
+    monkeypatch.setattr(client_module, "IDLE_RECONNECT_SECONDS", 0.0)  # any pause is too long now
+    assert client.track_lead(lead(3)).http_status == 200
+    pools = client._pool.pools
+    # The third request went over a new connection (the pool was emptied before it), the first two over one.
+    assert [pools[key].num_connections for key in pools.keys()] == [1]
+    assert sandbox.stats()["requests"] == 3
 
 
 def test_timeout_returns_no_status_quickly(sandbox):
@@ -420,3 +461,30 @@ def test_describe_of_real_answers_never_includes_the_token(client, sandbox):
         seen.append(response.http_status)
         no_token(describe(response), response.body, response.error)
     assert seen == [500, 422, 429, 401, 403, 200]
+
+
+# --- retry waits on the sender's clock ----------------------------------------------------
+
+def test_retry_plan_waits_with_jitter_honours_retry_after_and_stops_on_the_injected_clock():
+    from lead_sync.retry import RetryPlan, RetryPolicy, retrying
+
+    now = [1_000.0]
+    answers = {"busy": None, "later": 7.0}  # an answer's Retry-After
+    policy = retrying(RetryPolicy(max_attempts=4, backoff_base_seconds=0.5, backoff_max_seconds=10),
+                      deadline=1_020.0, should_retry=lambda a: a != "ok", retry_after=answers.get,
+                      sleep=lambda s: None, clock=lambda: now[0])
+    plan = RetryPlan(policy)
+    assert plan.attempt == 1
+    first = plan.after("busy")
+    assert 0 <= first <= 0.5 and plan.attempt == 2  # full jitter under 0.5 x 2**0
+    assert plan.after("later") == 7.0  # the Retry-After (7 s) is longer than any jitter (<= 1 s)
+    # The next try would start after the deadline on the injected clock: no more tries.
+    now[0] = 1_019.9
+    assert plan.after("later") is None
+    # ...while the same answer, earlier on that clock, is retried.
+    again = RetryPlan(policy)
+    now[0] = 1_000.0
+    assert again.after("later") == 7.0
+    assert RetryPlan(policy).after("ok") is None  # a final answer
+    spent = RetryPlan(policy)
+    assert [spent.after("busy") is not None for _ in range(4)] == [True, True, True, False]  # max_attempts

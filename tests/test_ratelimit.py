@@ -11,12 +11,13 @@ import pytest
 from sqlalchemy import delete, func, select
 
 from lead_sync.audit import ensure_schema, rate_buckets, rate_slots
-from lead_sync.ratelimit import SharedRateLimiter, bucket_name
+from lead_sync.ratelimit import MARGIN_SECONDS, SharedRateLimiter, bucket_name
 from lead_sync.sources import prepare_engine
 
 from support import TOKEN
 
 WINDOW = 60.0
+FREES = WINDOW + MARGIN_SECONDS  # a slot frees this long after its stamp
 
 
 class FakeClock:
@@ -68,8 +69,8 @@ def test_never_more_than_n_grants_in_any_60s(warehouse):
         grants.append(clock.now)
     assert busiest_window(grants) == 5  # the limit is reached, never passed
     # ...and not by starving: each wait ends exactly when the oldest slot of the window frees.
-    assert all(s <= WINDOW + 1.0 for s in clock.sleeps) and clock.sleeps
-    assert clock.now - started < 60 / 5 * 61 + 61 * 2
+    assert all(s <= FREES for s in clock.sleeps) and clock.sleeps
+    assert clock.now - started < 60 / 5 * FREES + FREES * 2
     # Expired slots are cleared as it goes: only the current window is kept.
     assert slot_count(warehouse.engine, "bucket-a") <= 5
 
@@ -81,12 +82,12 @@ def test_a_full_window_makes_the_next_grant_wait_for_the_oldest_slot(warehouse):
     for step in range(3):
         assert lim.try_acquire() == 0.0
         clock.now += 10
-    # 3 grants at +0, +10, +20; now +30: the first slot frees at +61 (60 s and a 1 s margin).
-    assert lim.try_acquire() == pytest.approx(first + 61 - clock.now)
+    # 3 grants at +0, +10, +20; now +30: the first slot frees at +60.25 (60 s and the margin).
+    assert lim.try_acquire() == pytest.approx(first + FREES - clock.now)
     assert slot_count(warehouse.engine, "bucket-a") == 3
     assert lim.acquire() is True
-    assert clock.sleeps == [pytest.approx(31.0)]
-    assert clock.now == pytest.approx(first + 61)
+    assert clock.sleeps == [pytest.approx(FREES - 30)]
+    assert clock.now == pytest.approx(first + FREES)
 
 
 def test_acquire_returns_false_when_the_deadline_is_too_near(warehouse):
@@ -95,12 +96,60 @@ def test_acquire_returns_false_when_the_deadline_is_too_near(warehouse):
     assert lim.acquire(deadline=clock.now + 5) and lim.acquire(deadline=clock.now + 5)
     start = clock.now
     assert lim.acquire(deadline=start + 30) is False
-    assert lim.acquire(deadline=start + 60.9) is False
+    assert lim.acquire(deadline=start + FREES - 0.1) is False
     assert clock.sleeps == [] and clock.now == start  # gave up at once, without waiting
     assert slot_count(warehouse.engine, "bucket-a") == 2
-    assert lim.acquire(deadline=start + 61.5) is True  # both slots free at +61
-    assert clock.sleeps == [pytest.approx(61.0)]
+    assert lim.acquire(deadline=start + FREES + 0.5) is True  # both slots free at +60.25
+    assert clock.sleeps == [pytest.approx(FREES)]
     assert slot_count(warehouse.engine, "bucket-a") == 1
+
+
+# --- several slots per transaction (a sender with many requests in flight) --------------------
+
+def test_a_block_grants_what_is_free_in_one_go_and_gives_back_what_was_not_used(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=5)
+    granted, wait = lim.try_acquire_many(3)
+    assert wait == 0.0 and len(granted) == 3 and {g.granted_at for g in granted} == {clock.now}
+    assert len({g.slot for g in granted}) == 3
+    clock.now += 5
+    more, wait = lim.try_acquire_many(10)  # only 2 are free
+    assert wait == 0.0 and len(more) == 2 and slot_count(warehouse.engine, "bucket-a") == 5
+    none, wait = lim.try_acquire_many(1)
+    assert none == [] and wait == pytest.approx(FREES - 5)
+    lim.give_back([g.slot for g in more])  # never sent: free again at once
+    assert slot_count(warehouse.engine, "bucket-a") == 3
+    assert [len(lim.try_acquire_many(4)[0]), len(lim.acquire_many(4, deadline=clock.now + 1))] == [2, 0]
+    assert clock.sleeps == []
+    # acquire_many waits for the oldest slots, then takes what freed.
+    assert len(lim.acquire_many(4)) == 3 and clock.sleeps == [pytest.approx(FREES - 5)]
+
+
+def test_a_slot_restamped_at_its_answer_frees_a_window_after_the_answer(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=2)
+    (slow, quick), _ = lim.try_acquire_many(2)
+    start = clock.now
+    # The first request took 8 s to be answered (its stamp moves there), the other was answered at once.
+    with warehouse.engine.begin() as conn:
+        lim.restamp_in(conn, [(slow.slot, start + 8.0), (quick.slot, start)])
+        lim.restamp_in(conn, [(quick.slot, start - 5.0)])  # a stamp never moves back
+    clock.now = start + FREES
+    granted, wait = lim.try_acquire_many(2)
+    assert len(granted) == 1 and wait == 0.0  # the quick one's slot is free, the slow one's is not
+    assert lim.try_acquire_many(1) == ([], pytest.approx(8.0))
+    clock.now += 8.0
+    assert len(lim.try_acquire_many(1)[0]) == 1
+
+
+def test_no_limit_grants_blocks_without_the_database(sqlite_warehouse):
+    clock = FakeClock()
+    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
+    granted, wait = lim.try_acquire_many(50)
+    assert len(granted) == 50 and wait == 0.0 and {g.slot for g in granted} == {None}
+    lim.give_back([g.slot for g in granted])
+    with sqlite_warehouse.engine.connect() as conn:
+        assert not sqlite_warehouse.engine.dialect.has_table(conn, "lead_event_rate_slots")
 
 
 def test_buckets_are_independent_and_named_without_the_token(warehouse):
@@ -177,17 +226,21 @@ url, ready = sys.argv[1], sys.argv[5]
 per_minute, attempts, rounds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 # SQLite: wait for the competing writer (what prepare_engine does, without importing pandas here).
 engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+waits = []  # what the limiter waited for a slot
+def sleep(seconds):
+    waits.append(seconds)
+    time.sleep(seconds)
 # One bucket per round; the processes race to create each of them, too.
-limiters = [SharedRateLimiter(engine, f"shared-{r}", per_minute) for r in range(rounds)]
+limiters = [SharedRateLimiter(engine, f"shared-{r}", per_minute, sleep=sleep) for r in range(rounds)]
 Path(ready).touch()
 start = float(sys.stdin.readline())  # the same wall-clock start for every process
 results = []
 for r, limiter in enumerate(limiters):
     time.sleep(max(0.0, start + r * ROUND_SECONDS - time.time()))
     for _ in range(attempts):
-        asked = time.time()
+        asked, before = time.time(), len(waits)
         granted = limiter.acquire(deadline=time.time() + 3.0)
-        results.append([r, granted, asked, time.time()])
+        results.append([r, granted, asked, time.time(), len(waits) - before])
 print(json.dumps(results))
 """
 
@@ -233,14 +286,15 @@ def test_processes_sharing_one_bucket_never_exceed_the_limit(warehouse, tmp_path
     results = [r for out in outputs for r in out]
     assert len(results) == PROCESSES * ATTEMPTS_EACH * ROUNDS
     for round_ in range(ROUNDS):
-        mine = [(granted, asked, done) for r, granted, asked, done in results if r == round_]
-        granted_at = [done for granted, _, done in mine if granted]
+        mine = [(granted, asked, done, waited) for r, granted, asked, done, waited in results if r == round_]
+        granted_at = [done for granted, _, done, _ in mine if granted]
         # All attempts of a round fall in its first window: exactly N granted, not one more, none lost.
-        assert max(done for _, _, done in mine) - min(asked for _, asked, _ in mine) < 10
+        assert max(done for _, _, done, _ in mine) - min(asked for _, asked, _, _ in mine) < 10
         assert (round_, len(granted_at)) == (round_, PER_MINUTE)
         assert busiest_window(granted_at) == PER_MINUTE
         assert slot_count(warehouse.engine, f"shared-{round_}") == PER_MINUTE
-        # The refusals were immediate: the next slot is a minute away, past the 3 s deadline.
-        assert all(done - asked < 2.0 for granted, asked, done in mine if not granted)
+        # Nobody waited: every grant was free at once, and a refusal came without a wait, the next
+        # slot being a minute away, past the 3 s deadline.
+        assert [waited for _, _, _, waited in mine] == [0] * len(mine)
     with warehouse.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(rate_buckets)).scalar() == ROUNDS

@@ -75,6 +75,9 @@ Index("ix_lead_event_deliveries_status", deliveries.c.status, deliveries.c.parti
 Index("ix_lead_event_deliveries_partition", deliveries.c.partition_date)
 Index("ix_lead_event_deliveries_customer", deliveries.c.customer_external_id, deliveries.c.tracking)
 Index("ix_lead_event_deliveries_run", deliveries.c.last_run_id)
+# The send order of open events: a claim reads the first few of them, not every open one.
+Index("ix_lead_event_deliveries_sendable", deliveries.c.event_time, deliveries.c.event_key,
+      postgresql_where=deliveries.c.status == "pending", sqlite_where=deliveries.c.status == "pending")
 
 attempts = Table(
     "lead_event_delivery_attempts",

@@ -2,23 +2,27 @@
 
 A claim is a lease (`inflight_until`) on one event for one request, so two senders never
 send one event at once and a sender that died with a request on the wire is detected.
-Each outcome is committed with its attempt row in one transaction as soon as it is known.
+A sender claims a batch of events in one statement (`claim_many`) and writes the outcomes
+of many requests, each with its attempt row, in one transaction (`settle_many`).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Iterable, Sequence
 
-from sqlalchemy import delete, exists, func, insert, or_, select, true, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, true, update
+from sqlalchemy.engine import Connection, Engine
 
 from .audit import attempts, deliveries, outbox
+from .bulk import Ref, update_each
 from .clock import as_utc, utcnow
 from .events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, EVENT_ONE, PENDING, REJECTED
 from .retry import UNKNOWN
 
 CHUNK = 500
+CLAIM_ROUNDS = 5  # reads of open events per kind and claim, when other senders take them meanwhile
 RESPONSE_CHARS = 1000
 
 
@@ -48,18 +52,22 @@ def _sendable(confirms: bool, now: datetime, free: object, first_status: tuple[s
     return query.where(deliveries.c.tracking.in_(EVENT_ONE))
 
 
-def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = CHUNK,
-                  now: datetime | None = None) -> list[str]:
+def _takeable(confirms: bool, not_tried_since: datetime, limit: int, now: datetime):
     """Event 1s (or event 2s) a sender may take now, oldest first: no sender on them, and no
     attempt since `not_tried_since` (this sender's start)."""
-    query = (
-        _sendable(confirms, now or utcnow(), deliveries.c.inflight_until.is_(None))
+    return (
+        _sendable(confirms, now, deliveries.c.inflight_until.is_(None))
         .where(or_(deliveries.c.last_attempt_at.is_(None), deliveries.c.last_attempt_at < not_tried_since))
         .order_by(deliveries.c.event_time, deliveries.c.event_key)
         .limit(limit)
     )
+
+
+def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = CHUNK,
+                  now: datetime | None = None) -> list[str]:
+    """Keys of `_takeable` events (read only: claiming them is `claim_many`)."""
     with engine.connect() as conn:
-        return [k for (k,) in conn.execute(query)]
+        return [k for (k,) in conn.execute(_takeable(confirms, not_tried_since, limit, now or utcnow()))]
 
 
 def count_sendable(engine: Engine, now: datetime | None = None) -> int:
@@ -91,48 +99,135 @@ def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
 
 
 def outbox_body(engine: Engine, key: str) -> dict | None:
+    return outbox_bodies(engine, [key]).get(key)
+
+
+def outbox_bodies(engine: Engine, keys: Sequence[str]) -> dict[str, dict]:
+    """The bodies to send of these events, in one query per CHUNK keys (a read: nothing is committed)."""
+    found: dict[str, dict] = {}
+    keys = list(keys)
     with engine.connect() as conn:
-        body = conn.execute(select(outbox.c.body).where(outbox.c.event_key == key)).scalar()
-    return None if body is None else json.loads(body)
+        for start in range(0, len(keys), CHUNK):
+            rows = conn.execute(select(outbox.c.event_key, outbox.c.body)
+                                .where(outbox.c.event_key.in_(keys[start:start + CHUNK])))
+            found.update((key, json.loads(body)) for key, body in rows)
+    return found
 
 
 @dataclass(frozen=True)
 class Claim:
     attempt: int  # the event's attempt number, over all runs
     retry_since: datetime  # when its retrying began: give_up_after_hours counts from here
+    event_key: str = ""
+    tracking: str | None = None
+    event_time: datetime | None = None
 
 
-def claim(engine: Engine, key: str, run_id: str, lease_seconds: float, sender: str | None = None) -> Claim | None:
-    """Take a pending event for one request; None if another sender has it, it closed, or it is
-    not due (another run left it open for later since this sender listed it).
-    `sender` may take again an event it holds between its retries."""
-    now = utcnow()
+def _claiming(run_id: str, lease_seconds: float, now: datetime, sender: str | None = None) -> dict:
+    return dict(
+        attempts=deliveries.c.attempts + 1,
+        inflight_run_id=run_id,
+        inflight_sender=sender,
+        inflight_until=now + timedelta(seconds=lease_seconds),
+        first_attempt_at=func.coalesce(deliveries.c.first_attempt_at, now),
+        retry_since=func.coalesce(deliveries.c.retry_since, now),
+        last_attempt_at=now,
+        last_run_id=run_id,
+        updated_at=now,
+    )
+
+
+def _free(now: datetime, sender: str | None = None):
+    """Pending, due and free of senders; `sender` may take again an event it holds between its
+    retries. Due is checked again at the claim: another run may have tried an event since this
+    sender listed it, and left it open for later."""
     free = deliveries.c.inflight_until.is_(None)
     if sender is not None:
         free = or_(free, deliveries.c.inflight_sender == sender)
+    return and_(deliveries.c.status == PENDING, free, _due(now))
+
+
+_RETURNED = (deliveries.c.event_key, deliveries.c.attempts, deliveries.c.retry_since, deliveries.c.tracking,
+             deliveries.c.event_time)
+
+
+def _claims(rows) -> list[Claim]:
+    return [Claim(r.attempts, as_utc(r.retry_since), r.event_key, r.tracking, as_utc(r.event_time)) for r in rows]
+
+
+def claim(engine: Engine, key: str, run_id: str, lease_seconds: float, sender: str | None = None,
+          now: datetime | None = None) -> Claim | None:
+    """Take a pending event for one request; None if another sender has it, it closed, or it is
+    not due."""
+    now = now or utcnow()
     with engine.begin() as conn:
         row = conn.execute(
-            update(deliveries)
-            .where(
-                deliveries.c.event_key == key,
-                deliveries.c.status == PENDING,
-                free,
-                _due(now),
-            )
-            .values(
-                attempts=deliveries.c.attempts + 1,
-                inflight_run_id=run_id,
-                inflight_sender=sender,
-                inflight_until=now + timedelta(seconds=lease_seconds),
-                first_attempt_at=func.coalesce(deliveries.c.first_attempt_at, now),
-                retry_since=func.coalesce(deliveries.c.retry_since, now),
-                last_attempt_at=now,
-                last_run_id=run_id,
-                updated_at=now,
-            )
-            .returning(deliveries.c.attempts, deliveries.c.retry_since)
+            update(deliveries).where(deliveries.c.event_key == key, _free(now, sender))
+            .values(**_claiming(run_id, lease_seconds, now, sender)).returning(*_RETURNED)
         ).first()
-    return None if row is None else Claim(row.attempts, as_utc(row.retry_since))
+    return None if row is None else _claims([row])[0]
+
+
+@dataclass
+class Claimed:
+    """What one `claim_many` took: the claims (oldest first), and which kinds ran short."""
+
+    claims: list[Claim]
+    firsts_short: bool = False  # fewer event 1s than asked for were free: none is left for this sender
+    confirms_short: bool = False  # likewise event 2s (more may qualify once event 1s are delivered)
+
+
+def claim_many(engine: Engine, run_id: str, lease_seconds: float, not_tried_since: datetime, *,
+               keys: Sequence[str] = (), new: int = 0, firsts: bool = True, confirms: bool = True,
+               firsts_limit: int | None = None, sender: str | None = None,
+               now: datetime | None = None) -> Claimed:
+    """Take events for one request each, in one transaction: `keys` (events this sender tries
+    again), then up to `new` events not tried since `not_tried_since`, event 1s first (at most
+    `firsts_limit` of them), then the event 2s whose event 1 is delivered. Each kind is one
+    `SELECT ... LIMIT n` of keys, which PostgreSQL runs `FOR UPDATE SKIP LOCKED` (senders claiming
+    at the same moment take different events, without waiting for each other), then one
+    `UPDATE ... WHERE event_key IN (...) RETURNING` that checks again that each row is free.
+    By key, so that the update is an index lookup whatever the planner knows of the table."""
+    now = now or utcnow()
+    values = _claiming(run_id, lease_seconds, now, sender)
+    taken: list = []
+    result = Claimed([])
+
+    def take(conn: Connection, chosen: Sequence[str], free) -> list:
+        rows: list = []
+        for start in range(0, len(chosen), CHUNK):
+            rows += conn.execute(
+                update(deliveries).where(deliveries.c.event_key.in_(chosen[start:start + CHUNK]), free)
+                .values(**values).returning(*_RETURNED)
+            ).all()
+        return rows
+
+    with engine.begin() as conn:
+        taken += take(conn, list(keys), _free(now, sender))
+        for kind, wanted in ((False, firsts), (True, confirms)):
+            asked = new if kind or firsts_limit is None else min(new, firsts_limit)
+            if not wanted or asked <= 0:
+                continue
+            rows = []
+            for _ in range(CLAIM_ROUNDS):
+                wanted_now = asked - len(rows)
+                chosen = [k for (k,) in conn.execute(_takeable(kind, not_tried_since, wanted_now, now)
+                                                     .with_for_update(skip_locked=True, of=deliveries))]
+                rows += take(conn, chosen, _free(now)) if chosen else []
+                if len(chosen) < wanted_now:  # no more of this kind for this sender now
+                    if kind:
+                        result.confirms_short = True
+                    else:
+                        result.firsts_short = True
+                    break
+                if len(rows) >= asked:
+                    break
+                # Another sender took some of those between the read and the update (a database
+                # without SKIP LOCKED): read again.
+            new -= len(rows)
+            taken += rows
+    result.claims = sorted(_claims(taken), key=lambda c: (c.event_time is None, c.event_time or now, c.event_key))
+    return result
 
 
 @dataclass
@@ -150,83 +245,126 @@ class Outcome:
     next_attempt_at: datetime | None = None  # left open by this run: no run tries it before then
 
 
-def settle(engine: Engine, key: str, attempt: int, run_id: str, sent_at: datetime, result: Outcome,
-           hold_seconds: float | None = None) -> None:
-    """Commit one attempt: the append-only attempt row and the event's new state, together.
-    With `hold_seconds`, an event this sender retries in the same run stays held by it meanwhile."""
-    now = utcnow()
-    values: dict = {
-        "inflight_run_id": None,
-        "inflight_until": None,
-        "inflight_sender": None,
-        "http_status": result.http_status,
-        "updated_at": now,
-    }
-    if hold_seconds and result.status is None and result.next_attempt_at is None:
-        values.pop("inflight_run_id"), values.pop("inflight_sender")
-        values["inflight_until"] = now + timedelta(seconds=hold_seconds)
-    if result.response is not None:
-        values["response"] = result.response[:RESPONSE_CHARS]
-    if result.status is not None:
-        values["status"] = result.status
-        values["reason"] = result.reason
-        values["next_attempt_at"] = None
-        if result.status == DELIVERED:
-            values["delivered_at"] = now
-    else:
-        if result.reason is not None:
-            values["reason"] = result.reason
-        if result.next_attempt_at is not None:
-            values["next_attempt_at"] = result.next_attempt_at
-    with engine.begin() as conn:
-        conn.execute(
-            insert(attempts).values(
-                event_key=key, attempt=attempt, run_id=run_id, sent_at=sent_at, http_status=result.http_status,
-                latency_ms=result.latency_ms, outcome=result.outcome, error=result.error,
-            )
-        )
-        conn.execute(update(deliveries).where(deliveries.c.event_key == key).values(**values))
-        if result.status in (DELIVERED, REJECTED):
-            conn.execute(delete(outbox).where(outbox.c.event_key == key))
-        # A failed event keeps its body: a rerun of its partition may re-open and send it.
+@dataclass(frozen=True)
+class Settled:
+    """One answered request, for `settle_many`."""
+
+    event_key: str
+    attempt: int
+    sent_at: datetime
+    outcome: Outcome
+    at: datetime  # when its answer came (updated_at, delivered_at)
+    # Retried by the same sender in this run: the event stays held by it this long meanwhile, so
+    # that no other sender (another batch of the run) tries it in between.
+    hold_seconds: float | None = None
 
 
-def release(engine: Engine, key: str) -> None:
-    """Give back a claim whose request was never sent."""
+def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None:
+    """Many answers inside the caller's transaction: the attempt rows in one statement, the
+    events' new states in one statement per kind (closed, still open, held for a retry). An event that
+    another sender took meanwhile (its lease ran out and its attempt count moved on) keeps the
+    newer state; the attempt row is written all the same, since the request was made."""
+    if not items:
+        return
+    conn.execute(insert(attempts), [
+        dict(event_key=i.event_key, attempt=i.attempt, run_id=run_id, sent_at=i.sent_at,
+             http_status=i.outcome.http_status, latency_ms=i.outcome.latency_ms, outcome=i.outcome.outcome,
+             error=i.outcome.error) for i in items])
+    d = deliveries.c
+    closed = [i for i in items if i.outcome.status is not None]
+    held = [i for i in items if i.outcome.status is None and i.outcome.next_attempt_at is None and i.hold_seconds]
+    still_open = [i for i in items if i.outcome.status is None and i not in held]
+
+    def mine(p: Ref) -> list:
+        return [d.event_key == p("key"), d.attempts == p("attempt")]
+
+    def answer(p: Ref) -> dict:
+        return dict(http_status=p("http"), updated_at=p("at"), response=func.coalesce(p("response"), d.response))
+
+    def released(p: Ref) -> dict:
+        return dict(inflight_run_id=None, inflight_until=None, inflight_sender=None, **answer(p))
+
+    def rows(group: list[Settled], **more) -> list[dict]:
+        return sorted(({"key": i.event_key, "attempt": i.attempt, "http": i.outcome.http_status, "at": i.at,
+                        "response": i.outcome.response[:RESPONSE_CHARS] if i.outcome.response is not None else None,
+                        "reason": i.outcome.reason, **{name: value(i) for name, value in more.items()}}
+                       for i in group), key=lambda row: row["key"])
+
+    types = dict(key=d.event_key.type, attempt=d.attempts.type, http=d.http_status.type, at=d.updated_at.type,
+                 response=d.response.type, reason=d.reason.type)
+    update_each(conn, deliveries, {**types, "status": d.status.type, "delivered": d.delivered_at.type},
+                rows(closed, status=lambda i: i.outcome.status,
+                     delivered=lambda i: i.at if i.outcome.status == DELIVERED else None),
+                mine, lambda p: dict(**released(p), status=p("status"), reason=p("reason"), next_attempt_at=None,
+                                     delivered_at=func.coalesce(p("delivered"), d.delivered_at)))
+    update_each(conn, deliveries, {**types, "next": d.next_attempt_at.type},
+                rows(still_open, next=lambda i: i.outcome.next_attempt_at),
+                mine, lambda p: dict(**released(p), reason=func.coalesce(p("reason"), d.reason),
+                                     next_attempt_at=func.coalesce(p("next"), d.next_attempt_at)))
+    update_each(conn, deliveries, {**types, "until": d.inflight_until.type},
+                rows(held, until=lambda i: i.at + timedelta(seconds=i.hold_seconds)),
+                mine, lambda p: dict(**answer(p), inflight_until=p("until"),
+                                     reason=func.coalesce(p("reason"), d.reason)))
+    done = sorted({i.event_key for i in closed if i.outcome.status in (DELIVERED, REJECTED)})
+    for start in range(0, len(done), CHUNK):
+        conn.execute(delete(outbox).where(outbox.c.event_key.in_(done[start:start + CHUNK])))
+    # A failed event keeps its body: a rerun of its partition may re-open and send it.
+
+
+def _settled():
+    """The event's current attempt is on record: no request of it is on the wire."""
+    return exists().where(attempts.c.event_key == deliveries.c.event_key,
+                          attempts.c.attempt == deliveries.c.attempts)
+
+
+def let_go(engine: Engine, sender: str) -> None:
+    """A sender that stops lets go of the events it held between retries (their last attempt is
+    settled); an event whose answer is not on record stays leased, for recovery to audit."""
     with engine.begin() as conn:
         conn.execute(
             update(deliveries)
-            .where(deliveries.c.event_key == key)
-            .values(attempts=deliveries.c.attempts - 1, inflight_run_id=None, inflight_until=None,
-                    inflight_sender=None)
-        )
-
-
-def unhold(engine: Engine, key: str, sender: str) -> None:
-    """A sender done with an event it held between retries lets it go (its last attempt is settled)."""
-    with engine.begin() as conn:
-        conn.execute(
-            update(deliveries)
-            .where(deliveries.c.event_key == key, deliveries.c.inflight_sender == sender)
+            .where(deliveries.c.inflight_sender == sender, _settled())
             .values(inflight_run_id=None, inflight_until=None, inflight_sender=None)
         )
 
 
-def recover_abandoned(engine: Engine, run_id: str) -> int:
+def release_many(conn: Connection, run_id: str, claims: Iterable[tuple[str, int]]) -> None:
+    """Give back claims (event key, attempt) whose requests were never sent, inside the caller's
+    transaction; what the claim set for a first attempt is unset again."""
+    rows = [{"b_key": key, "b_attempt": attempt} for key, attempt in sorted(set(claims))]
+    if not rows:
+        return
+    d = deliveries.c
+    first = d.attempts == 1
+    conn.execute(
+        update(deliveries)
+        .where(d.event_key == bindparam("b_key"), d.attempts == bindparam("b_attempt"), d.inflight_run_id == run_id)
+        .values(attempts=d.attempts - 1, inflight_run_id=None, inflight_until=None, inflight_sender=None,
+                # the claim set these to its own moment only when they were empty
+                first_attempt_at=case((d.first_attempt_at == d.last_attempt_at, None), else_=d.first_attempt_at),
+                retry_since=case((d.retry_since == d.last_attempt_at, None), else_=d.retry_since),
+                last_attempt_at=case((first, None), else_=d.last_attempt_at)),
+        rows,
+    )
+
+
+def recover_abandoned(engine: Engine, run_id: str, now: datetime | None = None) -> int:
     """Events whose sender died with a request on the wire: audit the unknown outcome, reopen them.
     A sender that died between retries held an event whose last attempt is on record: that one is
-    only let go."""
-    now = utcnow()
-    settled = exists().where(attempts.c.event_key == deliveries.c.event_key,
-                             attempts.c.attempt == deliveries.c.attempts)
-    expired = (deliveries.c.inflight_until.is_not(None), deliveries.c.inflight_until < now)
+    only let go. Nothing is written when there is none (a read tells)."""
+    now = now or utcnow()
+    expired = and_(deliveries.c.inflight_until.is_not(None), deliveries.c.inflight_until < now)
+    with engine.connect() as conn:
+        if conn.execute(select(deliveries.c.event_key).where(expired).limit(1)).first() is None:
+            return 0
     with engine.begin() as conn:
-        conn.execute(update(deliveries).where(*expired, settled)
+        conn.execute(update(deliveries).where(expired, _settled())
                      .values(inflight_run_id=None, inflight_until=None, inflight_sender=None))
         rows = conn.execute(
             select(deliveries.c.event_key, deliveries.c.attempts, deliveries.c.inflight_run_id,
-                   deliveries.c.last_attempt_at)
-            .where(*expired)
+                   deliveries.c.inflight_until, deliveries.c.last_attempt_at)
+            .where(expired).order_by(deliveries.c.event_key)
+            .with_for_update(skip_locked=True)  # two senders recovering at once audit each request once
         ).mappings().all()
         for row in rows:
             conn.execute(
@@ -247,8 +385,19 @@ def recover_abandoned(engine: Engine, run_id: str) -> int:
     return len(rows)
 
 
-def next_lease_expiry(engine: Engine) -> datetime | None:
+def next_lease_expiry(engine: Engine, taken_before: datetime | None = None) -> datetime | None:
+    """When the first lease on a pending event runs out; only leases taken before `taken_before`, when given."""
+    return lease_expiries(engine, taken_before)[0]
+
+
+def lease_expiries(engine: Engine, taken_before: datetime | None = None) -> tuple[datetime | None, datetime | None]:
+    """When the first and the last lease on pending events run out; only leases taken before
+    `taken_before`, when given (a sender waits for what an earlier sender left, not for the
+    requests of one working beside it)."""
+    query = select(func.min(deliveries.c.inflight_until), func.max(deliveries.c.inflight_until)).where(
+        deliveries.c.status == PENDING)
+    if taken_before is not None:
+        query = query.where(deliveries.c.last_attempt_at < taken_before)
     with engine.connect() as conn:
-        return as_utc(conn.execute(
-            select(func.min(deliveries.c.inflight_until)).where(deliveries.c.status == PENDING)
-        ).scalar())
+        first, last = conn.execute(query).one()
+    return as_utc(first), as_utc(last)

@@ -21,7 +21,7 @@ STATUSES = (PENDING, DELIVERED, REJECTED, FAILED, SKIPPED)
 # runs; a run of the event's own partition re-opens it.
 
 
-@dataclass
+@dataclass(slots=True)
 class LeadEvent:
     event_key: str
     source: str

@@ -7,18 +7,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import unicodedata
 import uuid
 import dataclasses
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
-from typing import Any
+from functools import lru_cache
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
 from email_validator import EmailNotValidError, validate_email
+from pandas.api.extensions import ExtensionDtype
+from pandas.core.dtypes.cast import maybe_box_native
 
 from .config import SourceConfig
 from .events import DEFERRED_CONFIRM, DEFERRED_START, NON_DEFERRED, PENDING, SKIPPED, LeadEvent
@@ -67,7 +71,8 @@ def check_text(value: str, what: str, max_len: int = MAX_TEXT) -> str:
         raise InvalidValue(f"{what} is empty")
     if len(text) > max_len:
         raise InvalidValue(f"{what} is longer than {max_len} characters")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+    # Printable text has neither (checked in C); only other text is looked at per character.
+    if not text.isprintable() and any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
         raise InvalidValue(f"{what} contains control characters")
     return text
 
@@ -176,25 +181,58 @@ def _optional_text(value: Any, field: str, max_len: int = MAX_TEXT) -> str | Non
     return check_text(value, field, max_len)
 
 
+# A plain ASCII address: letters and digits, single dots, underscores, pluses or hyphens between
+# them before the @-sign. email_validator accepts every such local part, so whether the address
+# is valid is whether its domain is (and its length); the domain's verdict is email_validator's
+# own, cached per domain. Any other address is validated whole.
+_PLAIN_EMAIL = re.compile(r"[A-Za-z0-9]+(?:[._+-][A-Za-z0-9]+)*@([A-Za-z0-9.-]+)")
+_EMAIL_MAX_LENGTH = 254
+
+
+@lru_cache(maxsize=4096)
+def _email_domain_valid(domain: str) -> bool:
+    try:
+        validate_email("a@" + domain, check_deliverability=False)
+    except EmailNotValidError:
+        return False
+    return True
+
+
+def _valid_email(text: str) -> bool:
+    plain = _PLAIN_EMAIL.fullmatch(text)
+    if plain is not None and len(text) <= _EMAIL_MAX_LENGTH:
+        return _email_domain_valid(plain.group(1))
+    try:
+        validate_email(text, check_deliverability=False)
+    except EmailNotValidError:
+        return False
+    return True
+
+
 def email_or_none(value: Any) -> str | None:
     text = _optional_text(value, "customerEmail", 320)
-    if text is not None:
-        try:
-            validate_email(text, check_deliverability=False)
-        except EmailNotValidError as exc:
-            raise InvalidValue("customerEmail is not an email address") from exc
+    if text is not None and not _valid_email(text):
+        raise InvalidValue("customerEmail is not an email address")
     return text
+
+
+_SPACE = re.compile(r"\s")  # what str.isspace() is true for
+# An http(s) URL of ASCII host name, port and path, nothing urlsplit could read otherwise:
+# what the checks below accept, decided without splitting it.
+_PLAIN_URL = re.compile(r"[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(?::[0-9]*)?(?:/[!-~]*)?")
 
 
 def avatar_or_none(value: Any) -> str | None:
     text = _optional_text(value, "customerAvatar", MAX_URL)
     if text is None:
         return None
+    if _PLAIN_URL.fullmatch(text):
+        return text
     try:
         parts = urlsplit(text)
     except ValueError as exc:
         raise InvalidValue("customerAvatar is not an http(s) URL") from exc
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or _SPACE.search(text):
         raise InvalidValue("customerAvatar is not an http(s) URL")
     return text
 
@@ -225,11 +263,14 @@ def row_key(source: str, row: dict) -> str:
     return f"row_{digest[:40]}"
 
 
-def payload_digest(payload: dict | None) -> str | None:
-    """Fingerprint of the body as it would be sent: a change reopens a rejected event."""
-    if payload is None:
-        return None
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+# A payload of text values (every payload the mapping makes) is written here as json.dumps
+# writes it, one value at a time with the json module's own string encoders; any other goes
+# through json.dumps itself.
+_DIGEST_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=True)  # json.dumps(sort_keys=True, ensure_ascii=True)
+_BODY_JSON = json.JSONEncoder(ensure_ascii=False)  # json.dumps(ensure_ascii=False)
+_ASCII_STRING = json.encoder.encode_basestring_ascii
+_STRING = json.encoder.encode_basestring
+_REDACTED = ("customerName", "customerEmail")
 
 
 def _hash(value: str) -> str:
@@ -241,14 +282,40 @@ def redact(payload: dict | None) -> dict | None:
     if payload is None:
         return None
     out = dict(payload)
-    for field in ("customerName", "customerEmail"):
+    for field in _REDACTED:
         if field in out:
             out[field] = _hash(out[field])
     return out
 
 
-def _require_columns(source: SourceConfig, frame: pd.DataFrame, needed: tuple[str, ...]) -> None:
-    missing = [c for c in needed if c not in frame.columns]
+def payload_digest(payload: dict | None) -> str | None:
+    """Fingerprint of the body as it would be sent: a change reopens a rejected event."""
+    if payload is None:
+        return None
+    try:
+        text = "{" + ", ".join([_ASCII_STRING(k) + ": " + _ASCII_STRING(payload[k]) for k in sorted(payload)]) + "}"
+    except TypeError:  # a key or value that is not text
+        text = _DIGEST_JSON.encode(payload)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def payload_json(payload: dict | None) -> tuple[str | None, str | None]:
+    """The body to send and the body as audited (redact), each as json.dumps(..., ensure_ascii=False)."""
+    if payload is None:
+        return None, None
+    sent, audited = [], []
+    try:
+        for key, value in payload.items():
+            field = _STRING(key) + ": "
+            sent.append(field + _STRING(value))
+            audited.append(field + _STRING(_hash(value)) if key in _REDACTED else sent[-1])
+    except TypeError:  # a key or value that is not text
+        return _BODY_JSON.encode(payload), _BODY_JSON.encode(redact(payload))
+    return "{" + ", ".join(sent) + "}", "{" + ", ".join(audited) + "}"
+
+
+def _require_columns(source: SourceConfig, columns, needed: tuple[str, ...]) -> None:
+    missing = [c for c in needed if c not in columns]
     if missing:
         raise SourceShapeError(
             f"source {source.name!r}: its SQL must return column(s) {', '.join(missing)}"
@@ -337,23 +404,259 @@ def map_verification_row(source: SourceConfig, row: dict, partition: Partition) 
                      payload, customer_external_id=customer, event_name=name, event_time=moment)
 
 
-def _rule(source: SourceConfig, frame: pd.DataFrame):
+def _rule(source: SourceConfig, columns):
+    """The row rule of the source's kind, once the columns (of a frame, or names) have what it needs."""
     if source.kind == "signup":
-        _require_columns(source, frame, SIGNUP_COLUMNS)
+        _require_columns(source, columns, SIGNUP_COLUMNS)
         return map_signup_row
-    _require_columns(source, frame, VERIFICATION_COLUMNS)
+    _require_columns(source, columns, VERIFICATION_COLUMNS)
     return map_verification_row
 
 
 def map_frame(source: SourceConfig, frame: pd.DataFrame, partition: Partition) -> list[LeadEvent]:
     """Map one source's rows for one partition; rows outside the partition are dropped."""
-    rule = _rule(source, frame)
-    events = []
-    for record in frame.to_dict("records"):
-        event = rule(source, _plain_row(record), partition)
-        if event is not None:
-            events.append(event)
-    return events
+    rule = _rule(source, frame.columns)
+    columns = _frame_columns(frame)
+    if columns is None:
+        return [e for e in (rule(source, _plain_row(r), partition) for r in frame.to_dict("records")) if e is not None]
+    rows = _Rows(source, columns, len(frame))
+    return [e for e in rows.events([partition] * len(frame), rows.moments()) if e is not None]
+
+
+# --- the same rules, a frame at a time ---------------------------------------------------
+#
+# map_frame and map_days read a frame column by column and decide each row as map_signup_row
+# and map_verification_row do: the same checks in the same order, the same events and
+# reasons. The common values (text, integers, datetimes, booleans, nulls) are decided here
+# directly; any other value goes through the rule functions above.
+
+# Types maybe_box_native (what DataFrame.to_dict applies to object columns) returns unchanged,
+# and types whose values are never absent (is_absent).
+_NATIVE = frozenset({str, int, float, bool, type(None), datetime, date, Decimal})
+_PRESENT = frozenset({str, int, bool, datetime, date, Decimal})
+_SMALL_INT = 10**15
+
+
+def _frame_columns(frame: pd.DataFrame) -> dict[Any, list] | None:
+    """Each column's values as `_plain_row(record)` has them for the records of
+    `frame.to_dict("records")`; None when the columns are not unique (to_dict drops some)."""
+    if not frame.columns.is_unique:
+        return None
+    columns: dict[Any, list] = {}
+    for position, (name, dtype) in enumerate(zip(frame.columns, frame.dtypes)):
+        series = frame.iloc[:, position]
+        if dtype == np.dtype(object):
+            values = [v if type(v) in _NATIVE else maybe_box_native(v) for v in series.tolist()]
+        elif isinstance(dtype, ExtensionDtype):
+            values = [v if type(v) in _NATIVE else maybe_box_native(v) for v in series]
+        else:
+            values = list(series)
+        columns[name] = [v if v is None or type(v) in _PRESENT else (None if is_absent(v) else v) for v in values]
+    return columns
+
+
+def _id(value: Any, what: str) -> str:
+    """id_text."""
+    kind = type(value)
+    if kind is str:
+        text = value.strip()
+        if text and len(text) <= MAX_TEXT and text.isprintable():
+            return text
+    elif kind is int and -_SMALL_INT < value < _SMALL_INT:
+        return str(value)
+    return id_text(value, what)
+
+
+def _flag(value: Any) -> bool:
+    """as_flag."""
+    if value is None:
+        return False
+    if type(value) is bool:
+        return value
+    return as_flag(value)
+
+
+def _plain(value: Any, limit: int) -> str | None:
+    """A plain string that needs no further check, stripped; None when the full check decides."""
+    if type(value) is str:
+        text = value.strip()
+        if text and len(text) <= limit and text.isprintable():
+            return text
+    return None
+
+
+def _name(value: Any) -> str | None:
+    """name_or_none."""
+    if value is None:
+        return None
+    text = _plain(value, MAX_TEXT)
+    return text if text is not None else name_or_none(value)
+
+
+def _email(value: Any) -> str | None:
+    """email_or_none."""
+    if value is None:
+        return None
+    text = _plain(value, 320)
+    if text is None:
+        return email_or_none(value)
+    if _valid_email(text):
+        return text
+    raise InvalidValue("customerEmail is not an email address")
+
+
+def _moment(value: Any) -> datetime | str:
+    """utc_moment(value, "event time"), or the reason it is not one."""
+    if type(value) is datetime:
+        try:
+            return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        except (ValueError, OverflowError):
+            pass  # utc_moment says why
+    try:
+        return utc_moment(value, "event time")
+    except InvalidValue as exc:
+        return str(exc)
+
+
+class _Rows:
+    """A frame's rows (see _frame_columns) and the rules of their source's kind."""
+
+    def __init__(self, source: SourceConfig, columns: dict[Any, list], count: int):
+        self.source = source
+        self.columns = columns
+        absent = [None] * count
+        self.times = columns.get("event_time", absent)
+        self.customers = columns.get("customer_external_id", absent)
+        self.clicks = columns.get("click_id", absent)
+        self.flags = columns.get("requires_verification", absent)
+        self.names = columns.get("customer_name", absent)
+        self.emails = columns.get("customer_email", absent)
+        self.avatars = columns.get("customer_avatar", absent)
+        self.event_names = columns.get("event_name", absent)
+        self.signup = source.kind == "signup"
+
+    def row(self, i: int) -> dict:
+        return {name: values[i] for name, values in self.columns.items()}
+
+    def moments(self) -> list[datetime | str]:
+        """Each row's event time (utc_moment), or the reason it has none."""
+        return [_moment(value) for value in self.times]
+
+    def events(self, parts: list[Partition | None], moments: list[datetime | str]) -> list[LeadEvent | None]:
+        """map_signup_row or map_verification_row of each row for its partition (rows without one: None)."""
+        if self.signup:
+            return self._signups(parts, moments)
+        return self._verifications(parts, moments)
+
+    def _timed(self, parts: list[Partition | None], moments: list[datetime | str], tracking: str,
+               out: list[LeadEvent | None]) -> Iterator[tuple[int, Partition, datetime]]:
+        """The rows whose event time falls in their partition: (index, partition, time). The others
+        go to `out` as they map: None (not this run's), or skipped (the time is unreadable)."""
+        append = out.append
+        bounds: Partition | None = None
+        for i, (part, moment) in enumerate(zip(parts, moments)):
+            if part is None:
+                append(None)
+                continue
+            if moment.__class__ is str:
+                append(_skipped(self.source, part, tracking, self.row(i), moment))
+                continue
+            if part is not bounds:
+                bounds, start, end = part, part.start, part.end
+            if not start <= moment < end:
+                append(None)
+                continue
+            yield i, part, moment
+
+    def _signups(self, parts: list[Partition | None], moments: list[datetime | str]) -> list[LeadEvent | None]:
+        source, name = self.source, self.source.event_name
+        out: list[LeadEvent | None] = []
+        append = out.append
+        flags, customers, clicks, names, emails, avatars = (
+            self.flags, self.customers, self.clicks, self.names, self.emails, self.avatars)
+        for i, part, moment in self._timed(parts, moments, NON_DEFERRED, out):
+            flag, customer, click, person, email, avatar = (
+                flags[i], customers[i], clicks[i], names[i], emails[i], avatars[i])
+            try:
+                deferred = _flag(flag)
+            except InvalidValue as exc:
+                append(_skipped(source, part, NON_DEFERRED, self.row(i), str(exc), moment=moment))
+                continue
+            tracking = DEFERRED_START if deferred else NON_DEFERRED
+            try:
+                customer = _id(customer, "customer id")
+            except InvalidValue as exc:
+                append(_skipped(source, part, tracking, self.row(i), str(exc), moment=moment))
+                continue
+            try:
+                click = _id(click, "click_id")
+            except InvalidValue as exc:
+                append(_skipped(source, part, tracking, self.row(i), str(exc), customer, name, moment))
+                continue
+            payload: dict[str, Any] = {"eventName": name, "customerExternalId": customer, "clickId": click}
+            if deferred:
+                payload["mode"] = "deferred"
+            payload["timestamp"] = moment.isoformat().replace("+00:00", "Z")  # iso_utc: moment is UTC
+            notes = []
+            try:
+                person = _name(person)
+                if person is not None:
+                    payload["customerName"] = person
+            except InvalidValue as exc:
+                notes.append(f"customerName left out: {exc}")
+            try:
+                email = _email(email)
+                if email is not None:
+                    payload["customerEmail"] = email
+            except InvalidValue as exc:
+                notes.append(f"customerEmail left out: {exc}")
+            if avatar is not None:
+                try:
+                    payload["customerAvatar"] = avatar_or_none(avatar)
+                except InvalidValue as exc:
+                    notes.append(f"customerAvatar left out: {exc}")
+            append(LeadEvent(event_key(customer, name), source.name, part.day, tracking, PENDING, payload,
+                             customer, name, moment, None, notes))
+        return out
+
+    def _verifications(self, parts: list[Partition | None], moments: list[datetime | str]) -> list[LeadEvent | None]:
+        source = self.source
+        out: list[LeadEvent | None] = []
+        append = out.append
+        customers, event_names = self.customers, self.event_names
+        for i, part, moment in self._timed(parts, moments, DEFERRED_CONFIRM, out):
+            customer, name = customers[i], event_names[i]
+            try:
+                customer = _id(customer, "customer id")
+            except InvalidValue as exc:
+                append(_skipped(source, part, DEFERRED_CONFIRM, self.row(i), str(exc), moment=moment))
+                continue
+            try:
+                if not isinstance(name, (str, type(None))):
+                    raise InvalidValue("event_name is not text")
+                name = _id(name, "event_name")
+            except InvalidValue as exc:
+                append(_skipped(source, part, DEFERRED_CONFIRM, self.row(i), str(exc), moment=moment))
+                continue
+            payload = {"eventName": name, "customerExternalId": customer,
+                       "timestamp": moment.isoformat().replace("+00:00", "Z")}  # iso_utc: moment is UTC
+            append(LeadEvent(event_key(customer, name), source.name, part.day, DEFERRED_CONFIRM, PENDING, payload,
+                             customer, name, moment, None, []))
+        return out
+
+    def known_key(self, i: int) -> str | None:
+        """_key_of_timed_row of row i."""
+        try:
+            customer = _id(self.customers[i], "customer id")
+            if self.signup:
+                _flag(self.flags[i])
+                return event_key(customer, self.source.event_name)
+            name = self.event_names[i]
+            if not isinstance(name, str):
+                return None
+            return event_key(customer, _id(name, "event_name"))
+        except InvalidValue:
+            return None
 
 
 def known_key(source: SourceConfig, row: dict) -> str | None:
@@ -410,8 +713,79 @@ def map_days(source: SourceConfig, frame: pd.DataFrame, days: dict[date, Partiti
     `known` whose key is in that set are passed over unmapped; returns how many were. Every
     row kept is counted in `tally` with its key.
     """
-    rule = _rule(source, frame)
+    rule = _rule(source, frame.columns)
+    columns = _frame_columns(frame)
+    if columns is None:
+        return _map_days_by_row(source, frame, rule, days, home, next(iter(days.values())).zone, known, tally)
+    return _map_days(_Rows(source, columns, len(frame)), days, home, known, tally)
+
+
+def map_rows(source: SourceConfig, names: list[str], rows: list[tuple], days: dict[date, Partition],
+             home: Partition | None, known: dict[date, set[str]],
+             tally: dict[date, ReadTally]) -> tuple[dict[date, list[LeadEvent]], int]:
+    """map_days of rows as sources.read_source_rows gives them: the rows of a dtype=object frame
+    whose columns are `names`, without building the frame."""
+    if len(set(names)) != len(names):  # as a frame: to_dict decides which values count
+        return map_days(source, pd.DataFrame(rows, columns=names, dtype=object), days, home, known, tally)
+    _rule(source, names)
+    columns = {name: [v if v is None or type(v) in _PRESENT else _plain_native(v) for v in values]
+               for name, values in zip(names, zip(*rows) if rows else [()] * len(names))}
+    return _map_days(_Rows(source, columns, len(rows)), days, home, known, tally)
+
+
+def _plain_native(value: Any) -> Any:
+    """A value of an object column as _frame_columns has it: boxed as to_dict does, absent as None."""
+    if type(value) not in _NATIVE:
+        value = maybe_box_native(value)
+    return None if is_absent(value) else value
+
+
+def _map_days(rows: _Rows, days: dict[date, Partition], home: Partition | None, known: dict[date, set[str]],
+              tally: dict[date, ReadTally]) -> tuple[dict[date, list[LeadEvent]], int]:
     zone = next(iter(days.values())).zone
+    moments = rows.moments()
+    if getattr(zone, "key", None) in ("UTC", "Etc/UTC"):  # the moments are UTC already
+        parts = [home if m.__class__ is str else days.get(m.date()) for m in moments]
+    else:
+        parts = [home if m.__class__ is str else days.get(m.astimezone(zone).date()) for m in moments]
+    passed = 0
+    for i, part in enumerate(parts):
+        if part is None:
+            continue
+        count = tally.get(part.day)
+        if count is None:
+            count = tally[part.day] = ReadTally()
+        seen = known.get(part.day)
+        if seen is not None:
+            key = rows.known_key(i)
+            if key in seen:  # on record: passed over unmapped
+                passed += 1
+                count.rows += 1
+                count.keys.add(key)
+                parts[i] = None
+    out: dict[date, list[LeadEvent]] = {}
+    for event in rows.events(parts, moments):
+        if event is None:
+            continue
+        day = event.partition_date
+        count = tally[day]
+        count.rows += 1
+        count.keys.add(event.event_key)
+        seen = known.get(day)
+        if seen is not None and event.event_key in seen:
+            passed += 1
+            continue
+        found = out.get(day)
+        if found is None:
+            found = out[day] = []
+        found.append(event)
+    return out, passed
+
+
+def _map_days_by_row(source: SourceConfig, frame: pd.DataFrame, rule, days: dict[date, Partition],
+                     home: Partition | None, zone: ZoneInfo, known: dict[date, set[str]],
+                     tally: dict[date, ReadTally]) -> tuple[dict[date, list[LeadEvent]], int]:
+    """map_days one record at a time (a frame whose columns are not unique)."""
     out: dict[date, list[LeadEvent]] = {}
     passed = 0
     for record in frame.to_dict("records"):

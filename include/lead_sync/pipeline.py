@@ -19,13 +19,13 @@ from .clock import as_utc, utcnow
 from .config import SyncConfig
 from .delivery import CredentialsRefused, SendReport, Sender
 from .events import DELIVERED, FAILED, REJECTED, STATUSES
-from .mapping import ReadTally, first_per_key, map_days
+from .mapping import ReadTally, map_rows
 from .partition import Partition, contiguous, days_window
 from .ratelimit import SharedRateLimiter, bucket_name
 from .retry import RetryPolicy
 from .settings import ApiTarget
 from .publish import publish_audit
-from .sources import read_source_chunks
+from .sources import read_source_rows
 from .stores import Stores, as_stores, ensure_stores
 
 log = logging.getLogger(__name__)
@@ -68,26 +68,32 @@ def plan_read(engine: Engine, config: SyncConfig, partition: Partition) -> ReadP
 
 
 def account_reads(engine: Engine, run_id: str, day: date, lookback: bool, tallies: dict[str, ReadTally],
-                  on_record: dict[str, str] | None = None) -> list[dict]:
+                  on_record: dict[str, str] | None = None, counted: dict[str, Counter] | None = None) -> list[dict]:
     """How every source row read for a partition is accounted for, per source.
 
     A row is either the row behind an event of this partition and source on record, or a
     repeat (its event came from another row, of this read, another day or another source).
     `missing`: events of this partition and source on record that the read no longer yielded.
-    `on_record` (key -> source of the partition's events), when the caller knows it already.
+    `on_record` (key -> source of the partition's events), when the caller knows it already;
+    `counted` (found and missing per source), when the caller counted them already.
     """
-    if on_record is None:
-        on_record = state.recorded_keys(engine, day)
+    # Per source: its events on record that the read yielded, and those it did not.
+    found, missing = (counted["found"], counted["missing"]) if counted else (Counter(), Counter())
+    for key, source in (() if counted else on_record.items() if on_record is not None
+                        else state.recorded_sources(engine, day)):
+        tally = tallies.get(source)
+        if tally is not None:
+            (found if key in tally.keys else missing)[source] += 1
     rows = []
     for source, tally in tallies.items():
-        mine = {key for key, src in on_record.items() if src == source}
-        events = len(tally.keys & mine)
+        events = found[source]
         rows.append(dict(run_id=run_id, partition_date=day, source=source, read_at=utcnow(), lookback=lookback,
                          rows_read=tally.rows, events=events, repeats=tally.rows - events,
-                         missing=len(mine - tally.keys)))
+                         missing=missing[source]))
     return rows
 
 
+@state.gc_paused
 def extract_and_map(stores: Engine | Stores, config: SyncConfig, partition: Partition, run_id: str,
                     dag_id: str | None = None, dry_run: bool = False) -> dict:
     """Read the partition, the look-back days before it and every partition with pending events;
@@ -106,41 +112,47 @@ def extract_and_map(stores: Engine | Stores, config: SyncConfig, partition: Part
     # The look-back passes over what is on record for its days: key -> source, read once.
     known_sources = {day: state.recorded_keys(engine, day) for day in plan.lookback}
     known = {day: set(keys) for day, keys in known_sources.items()}
-    mapped: dict[date, list] = {day: [] for day in parts}
     tallies: dict[str, dict[date, ReadTally]] = {s.name: {} for s in config.sources}
     totals: Counter = Counter()
+    mapped = state.MappedEvents()  # until recorded, mapped events wait in a temporary file, not in memory
     for first, last in contiguous(list(parts)):
         window = days_window(first, last)
         days = {d: p for d, p in parts.items() if first <= d <= last}
         home = parts[plan.home] if first <= plan.home <= last else None
         for source in config.sources:
-            for frame in read_source_chunks(stores.warehouse, config, source, window):
-                events, passed = map_days(source, frame, days, home, known, tallies[source.name])
+            for columns, rows in read_source_rows(stores.warehouse, config, source, window):
+                events, passed = map_rows(source, columns, rows, days, home, known, tallies[source.name])
                 totals["lookback_known"] += passed
-                for day, found in events.items():
-                    mapped[day].extend(found)
+                mapped.add_days(events)
     reads: list[dict] = []
     preview: list[state.Preview] | None = [] if dry_run else None
     for day in sorted(parts):
-        events, repeats = first_per_key(mapped.pop(day))
         lookback = day in known
-        if events or not lookback:
-            counts = state.reconcile(engine, events, day, names, run_id, config.verification_wait_days,
-                                     reopen=day == plan.home, close_missing=not lookback, preview=preview)
-            counts["events_read"] += len(events) + repeats
+        recorded: list[str] = []
+        counted: dict[str, Counter] = {}  # how the partition on record stands against this read (closing counts it)
+        if mapped.count(day) or not lookback:
+            # The run's own partition leaves an event it would not change as it is: a rerun writes nothing.
+            counts, events, repeats = state.record_mapped(
+                engine, mapped, day, names, run_id, config.verification_wait_days, reopen=day == plan.home,
+                close_missing=not lookback, preview=preview, keep_unchanged=day == plan.home,
+                read={n: t[day].keys if day in t else set() for n, t in tallies.items()}, accounts=counted,
+                keys=recorded if lookback else None)
+            counts["events_read"] += events + repeats
             counts["repeats"] += repeats
             if lookback:
                 counts["late_rows"] += counts["new"]
             totals.update(counts)
             log.info("partition %s%s: %d events mapped (%s)", day, " (look-back: new rows only)" if lookback else "",
-                     len(events), dict(counts))
+                     events, dict(counts))
         if not dry_run:
             # A look-back day's record is what was known plus what this run just recorded.
-            on_record = ({**known_sources[day], **state.recorded_keys(engine, day, [e.event_key for e in events])}
-                         if lookback else None)
+            on_record = {**known_sources[day], **state.recorded_keys(engine, day, recorded)} if lookback else None
             reads += account_reads(engine, run_id, day, lookback,
-                                   {n: t.get(day, ReadTally()) for n, t in tallies.items()}, on_record)
+                                   {n: t.get(day, ReadTally()) for n, t in tallies.items()}, on_record, counted)
+    mapped.close()
     state.record_reads(engine, reads)
+    if totals["new"] or totals["reopened"]:
+        state.refresh_statistics(engine)
     values = dict(events_read=totals["events_read"], repeats=totals["repeats"])
     if dry_run:
         totals["would_send"] = state.record_preview(engine, run_id, preview)
@@ -185,15 +197,18 @@ def plan_send(stores: Engine | Stores, run_id: str, time_budget_seconds: float, 
 
 def send_open_events(stores: Engine | Stores, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
                      run_id: str, time_budget_seconds: float, connection_name: str,
-                     batch: Batch | None = None, host: str | None = None) -> SendReport:
+                     batch: Batch | None = None, host: str | None = None, *, max_in_flight: int | None = None,
+                     clock=time.time, sleep=time.sleep) -> SendReport:
     """Send what is open (a batch's share of it); record how sending ended, also when credentials are
-    refused. With a separate state store, the batch's audit reaches the warehouse in one transaction."""
+    refused. With a separate state store, the batch's audit reaches the warehouse in one transaction.
+    `max_in_flight`: requests on the wire at once (None: sized by the sender); `clock`/`sleep`: the
+    wall clock the time budget and every wait are on."""
     stores = as_stores(stores)
     engine = stores.state
     ensure_schema(engine)
     try:
         return _send_open_events(engine, client, limiter, policy, run_id, time_budget_seconds, connection_name,
-                                 batch, host)
+                                 batch, host, max_in_flight, clock, sleep)
     finally:
         try:
             publish_audit(stores)
@@ -206,15 +221,17 @@ def send_open_events(stores: Engine | Stores, client: CutMeShortClient, limiter:
 
 def _send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedRateLimiter, policy: RetryPolicy,
                       run_id: str, time_budget_seconds: float, connection_name: str, batch: Batch | None,
-                      host: str | None) -> SendReport:
-    deadline = time.time() + time_budget_seconds
+                      host: str | None, max_in_flight: int | None = None, clock=time.time,
+                      sleep=time.sleep) -> SendReport:
+    deadline = clock() + time_budget_seconds
     run_deadline = _run_deadline(engine, run_id)
     if run_deadline is not None:
         deadline = min(deadline, run_deadline.timestamp())
     if batch is not None:
         _start_batch(engine, run_id, batch.batch, host)
     sender = Sender(engine, client, limiter, policy, run_id, deadline, credentials_hint=connection_name,
-                    max_events=batch.max_events if batch is not None else None)
+                    max_events=batch.max_events if batch is not None else None, max_in_flight=max_in_flight,
+                    clock=clock, sleep=sleep)
     try:
         report = sender.run()
     except CredentialsRefused as exc:
@@ -239,7 +256,7 @@ def send(stores: Engine | Stores, api: ApiTarget, run_id: str, time_budget_secon
     limiter = SharedRateLimiter(stores.state, bucket_name(api.base_url, api.token), settings.rate_limit_per_minute)
     with CutMeShortClient(api.base_url, api.token, settings.timeout_seconds, settings.allow_insecure_http) as client:
         return send_open_events(stores, client, limiter, settings.retry_policy, run_id, time_budget_seconds,
-                                api.connection_name, batch, host)
+                                api.connection_name, batch, host, max_in_flight=settings.max_in_flight)
 
 
 def _run_deadline(engine: Engine, run_id: str):

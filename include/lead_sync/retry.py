@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from tenacity import (
+    DoSleep,
     RetryCallState,
     Retrying,
     retry_if_result,
     stop_after_attempt,
-    stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from .client import ApiResponse
 
@@ -77,14 +78,53 @@ class _WaitHonouringRetryAfter:
         return max(self._jitter(state), asked or 0.0)
 
 
-def retrying(policy: RetryPolicy, seconds_left: float, should_retry: Callable[[T], bool],
-             retry_after: Callable[[T], float | None], sleep: Callable[[float], None]) -> Retrying:
-    """Retries a call while `should_retry(result)`, up to max_attempts, within the time left."""
+class _StopAtDeadline(stop_base):
+    """Stop when the next try would start at or after `deadline`, on the sender's own clock (tenacity's
+    stop_before_delay measures on a monotonic clock of its own, which a test cannot move)."""
+
+    def __init__(self, clock: Callable[[], float], deadline: float) -> None:
+        self._clock = clock
+        self._deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._clock() + retry_state.upcoming_sleep >= self._deadline
+
+
+def retrying(policy: RetryPolicy, deadline: float, should_retry: Callable[[T], bool],
+             retry_after: Callable[[T], float | None], sleep: Callable[[float], None],
+             clock: Callable[[], float]) -> Retrying:
+    """Retries a call while `should_retry(result)`, up to max_attempts, while the next try starts
+    before `deadline` (a `clock()` value)."""
     return Retrying(
         retry=retry_if_result(should_retry),
-        stop=stop_after_attempt(policy.max_attempts) | stop_before_delay(max(seconds_left, 0.0)),
+        stop=stop_after_attempt(policy.max_attempts) | _StopAtDeadline(clock, deadline),
         wait=_WaitHonouringRetryAfter(policy, retry_after),
         retry_error_callback=lambda state: state.outcome.result(),
         sleep=sleep,
         reraise=True,
     )
+
+
+class RetryPlan:
+    """One event's retries under a `retrying` policy, without sleeping in it: `after(result)`
+    says how long to wait before the next try, or None when there is none (the result is final,
+    the attempts are spent, or the next try would come too late). A sender with many requests in
+    flight schedules the waits itself instead of blocking a worker on them."""
+
+    def __init__(self, policy: Retrying) -> None:
+        self._policy = policy
+        self._state = RetryCallState(policy, None, (), {})
+
+    @property
+    def attempt(self) -> int:
+        """The number of the attempt whose result comes next (1 for the first)."""
+        return self._state.attempt_number
+
+    def after(self, result: object) -> float | None:
+        self._policy.begin()  # the policy's statistics are per thread; any thread may report a result
+        self._state.set_result(result)
+        action = self._policy.iter(self._state)
+        if isinstance(action, DoSleep):
+            self._state.prepare_for_next_attempt()
+            return float(action)
+        return None

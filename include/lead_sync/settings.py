@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .retry import RetryPolicy
 
@@ -23,6 +23,16 @@ class ApiSettings(BaseModel):
     give_up_after_hours: float = Field(default=72.0, gt=0, le=24 * 366)
     # Plain http to a non-loopback host, for a sandbox on a private network only.
     allow_insecure_http: bool = False
+    # Requests a send task has on the wire at once. Unset: sized from the rate limit and the latency
+    # measured so far (at most 32), starting with one request.
+    max_in_flight: int | None = Field(default=None, ge=1, le=256)
+
+    @field_validator("max_in_flight", mode="before")
+    @classmethod
+    def _not_a_flag(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # JSON true would otherwise count as 1
+            raise ValueError("Input should be an integer from 1 to 256, not true or false")
+        return value
 
     @property
     def retry_policy(self) -> RetryPolicy:

@@ -1,0 +1,48 @@
+"""Updating many rows, each with values of its own, in one statement.
+
+SQLAlchemy runs an UPDATE with a list of parameter sets as the driver's executemany, which
+psycopg2 sends to PostgreSQL one row at a time: a round trip per row. On PostgreSQL the rows
+go instead as one array per parameter, joined to the table with `unnest` (`UPDATE ... FROM
+unnest(...) AS v(...)`): one statement, one round trip. Elsewhere (SQLite, in process) the
+executemany is kept.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+from sqlalchemy import Table, bindparam, cast, column, func, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
+
+# A row's parameter by name: a bound parameter (executemany) or a column of the unnested arrays.
+Ref = Callable[[str], ColumnElement]
+
+
+def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine], rows: Sequence[Mapping],
+                where: Callable[[Ref], Sequence[ColumnElement]], values: Callable[[Ref], dict]) -> None:
+    """`UPDATE table SET values(ref) WHERE where(ref)` for each of `rows` (dicts of the parameters
+    named in `types`), in one statement on PostgreSQL."""
+    if not rows:
+        return
+    names = list(types)
+    if conn.dialect.name == "postgresql":
+        arrays = [cast(bindparam(f"{name}_array", [row[name] for row in rows], type_=ARRAY(types[name])),
+                       ARRAY(types[name])) for name in names]
+        source = (func.unnest(*arrays)
+                  .table_valued(*(column(name, types[name]) for name in names))
+                  .render_derived(name="v"))
+
+        def ref(name: str) -> ColumnElement:
+            return source.c[name]
+
+        conn.execute(update(table).where(*where(ref)).values(**values(ref)))
+        return
+
+    def param(name: str) -> ColumnElement:
+        # Not a column's own name: SQLAlchemy keeps those for the SET clause.
+        return bindparam(f"b_{name}", type_=types[name])
+
+    conn.execute(update(table).where(*where(param)).values(**values(param)),
+                 [{f"b_{name}": row[name] for name in names} for row in rows])
