@@ -316,6 +316,23 @@ def test_proxy_from_environment_is_not_used_for_loopback(sandbox, monkeypatch):
     assert sandbox.stats()["requests"] == 1
 
 
+def test_proxy_from_environment_is_used_for_other_hosts(echo, monkeypatch):
+    # A deployment behind a proxy reaches the API through it, as with requests: here the echo
+    # server plays the proxy, and a plain-http proxy gets the request with the absolute URL.
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, echo.url)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with CutMeShortClient("http://api.example.test", TOKEN, allow_insecure_http=True) as c:
+        assert c.track_lead(LEAD).http_status == 200
+    assert [r["path"] for r in echo.received] == ["http://api.example.test/track/lead"]
+    # NO_PROXY names the host: straight to it (here: nothing listens, so no answer).
+    monkeypatch.setenv("no_proxy", "api.example.test")
+    with CutMeShortClient("http://api.example.test", TOKEN, allow_insecure_http=True, timeout_seconds=1.0) as c:
+        assert c.track_lead(LEAD).http_status is None
+    assert len(echo.received) == 1
+
+
 def test_redirects_are_not_followed(echo):
     echo.status = 307
     echo.headers = {"Location": echo.url + "/elsewhere"}
