@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, true, update
+from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
 from .audit import attempts, deliveries, outbox
@@ -331,20 +331,17 @@ def let_go(engine: Engine, sender: str) -> None:
 def release_many(conn: Connection, run_id: str, claims: Iterable[tuple[str, int]]) -> None:
     """Give back claims (event key, attempt) whose requests were never sent, inside the caller's
     transaction; what the claim set for a first attempt is unset again."""
-    rows = [{"b_key": key, "b_attempt": attempt} for key, attempt in sorted(set(claims))]
-    if not rows:
-        return
     d = deliveries.c
-    first = d.attempts == 1
-    conn.execute(
-        update(deliveries)
-        .where(d.event_key == bindparam("b_key"), d.attempts == bindparam("b_attempt"), d.inflight_run_id == run_id)
-        .values(attempts=d.attempts - 1, inflight_run_id=None, inflight_until=None, inflight_sender=None,
-                # the claim set these to its own moment only when they were empty
-                first_attempt_at=case((d.first_attempt_at == d.last_attempt_at, None), else_=d.first_attempt_at),
-                retry_since=case((d.retry_since == d.last_attempt_at, None), else_=d.retry_since),
-                last_attempt_at=case((first, None), else_=d.last_attempt_at)),
-        rows,
+    update_each(
+        conn, deliveries, {"key": d.event_key.type, "attempt": d.attempts.type},
+        [{"key": key, "attempt": attempt} for key, attempt in sorted(set(claims))],
+        lambda p: [d.event_key == p("key"), d.attempts == p("attempt"), d.inflight_run_id == run_id],
+        lambda p: dict(attempts=d.attempts - 1, inflight_run_id=None, inflight_until=None, inflight_sender=None,
+                       # the claim set these to its own moment only when they were empty
+                       first_attempt_at=case((d.first_attempt_at == d.last_attempt_at, None),
+                                             else_=d.first_attempt_at),
+                       retry_since=case((d.retry_since == d.last_attempt_at, None), else_=d.retry_since),
+                       last_attempt_at=case((d.attempts == 1, None), else_=d.last_attempt_at)),
     )
 
 

@@ -105,13 +105,9 @@ class SharedRateLimiter:
 
     def acquire(self, deadline: float | None = None) -> bool:
         """Wait for a slot; False if none frees before `deadline` (a clock() value)."""
-        while True:
-            wait = self.try_acquire()
-            if wait == 0.0:
-                return True
-            if deadline is not None and self.clock() + wait > deadline:
-                return False
-            self.sleep(wait)
+        granted = self.acquire_many(1, deadline)
+        self._last.slot = granted[0].slot if granted else None
+        return bool(granted)
 
     def release(self) -> None:
         """Give back the slot granted last, when no request was sent with it (the event was taken meanwhile)."""

@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
 from .audit import deliveries, dry_run_events, outbox, source_reads
+from .bulk import update_each
 from .clock import as_utc, utcnow
 from .events import (
     DEFERRED_CONFIRM,
@@ -44,7 +45,6 @@ PG_CHUNK = 50_000  # keys per PostgreSQL array (one bound value)
 BATCH_EVENTS = 10_000  # events recorded per transaction, about (see MappedEvents.batches)
 BUCKETS = 64  # of each partition's mapped events, by key (ranges of them: see _bucket)
 SPILL_BYTES = 8 * 2**20  # mapped events kept in memory before they go to a temporary file
-COPY_ROWS = 100  # from this many changed rows on, PostgreSQL gets them through a temporary table
 RANGE_ROWS = 1_000  # from this many rows on record in a batch, their outbox bodies are looked up by key range
 
 
@@ -314,22 +314,13 @@ def _drop_outbox(conn: Connection, keys: Sequence[str]) -> None:
 
 
 def _update_rows(conn: Connection, rows: list[dict]) -> None:
-    """Update audit rows by key (`b_key`), all with the same columns; many at once on PostgreSQL
-    through a temporary table (COPY, then one UPDATE)."""
+    """Update audit rows by key (`b_key`), all with the same columns: one statement on PostgreSQL
+    (bulk.update_each)."""
     if not rows:
         return
-    if len(rows) < COPY_ROWS or not _copies(conn):
-        conn.execute(deliveries.update().where(deliveries.c.event_key == bindparam("b_key")), rows)
-        return
     columns = [c for c in rows[0] if c != "b_key"]
-    conn.exec_driver_sql("DROP TABLE IF EXISTS lead_sync_changed")
-    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE lead_sync_changed ON COMMIT DROP AS "
-                         f"SELECT event_key, {', '.join(columns)} FROM {deliveries.name} WITH NO DATA")
-    _copy_in(conn, "lead_sync_changed", ["event_key", *columns],
-             ([row["b_key"], *(row[c] for c in columns)] for row in rows))
-    assignments = ", ".join(f"{c} = changed.{c}" for c in columns)
-    conn.exec_driver_sql(f"UPDATE {deliveries.name} SET {assignments} FROM lead_sync_changed AS changed "
-                         f"WHERE {deliveries.name}.event_key = changed.event_key")
+    update_each(conn, deliveries, {"b_key": deliveries.c.event_key.type, **{c: deliveries.c[c].type for c in columns}},
+                rows, lambda p: [deliveries.c.event_key == p("b_key")], lambda p: {c: p(c) for c in columns})
 
 
 def _touch_rows(conn: Connection, keys: list[str], run_id: str, now: datetime) -> None:
