@@ -1,8 +1,11 @@
 """CutMeShortClient and the retry classification, against the sandbox as a real loopback HTTP server."""
 from __future__ import annotations
 
+import base64
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -42,13 +45,25 @@ class EchoServer:
         self.status = 200
         self.headers: dict[str, str] = {}
         self.body = '{"success": true}'
+        self.connections: set[socket.socket] = set()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                outer.connections.add(self.connection)
+
             def log_message(self, *args) -> None:
                 pass
+
+            def do_CONNECT(self) -> None:
+                outer.received.append({"method": "CONNECT", "path": self.path,
+                                       "proxy_authorization": self.headers.get("Proxy-Authorization")})
+                self.send_response(407)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -74,6 +89,14 @@ class EchoServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def drop_connections(self) -> None:
+        """Close every open connection from the server's side, as a server's idle timeout does."""
+        for connection in list(self.connections):
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "EchoServer":
         self._thread.start()
@@ -167,7 +190,7 @@ def test_malformed_token_is_refused_without_quoting_it(sandbox, token):
 # --- the token stays out of everything readable -----------------------------------------
 
 def test_token_not_in_repr(client):
-    no_token(repr(client), str(client), repr(client._pool))
+    no_token(repr(client), str(client), repr(client._connection()))
     assert client.base_url in repr(client)
 
 
@@ -216,10 +239,8 @@ def test_a_thread_reuses_one_connection(client, sandbox):
     for n in range(20):
         assert client.track_lead(lead(n)).http_status == 200
     assert sandbox.stats()["requests"] == 20 and sandbox.stats()["leads"] == 20
-    manager = client._pool
-    pools = [manager.pools[key] for key in manager.pools.keys()]
-    assert sum(p.num_requests for p in pools) == 20
-    assert sum(p.num_connections for p in pools) == 1  # sockets the client opened: one for twenty requests
+    connection = client._connection()
+    assert (connection.requests, connection.opened) == (20, 1)  # one socket for twenty requests
     server_side = getattr(getattr(sandbox, "_httpd", None), "open_connections", None)
     if server_side is not None:
         assert len(server_side) == 1
@@ -228,13 +249,13 @@ def test_a_thread_reuses_one_connection(client, sandbox):
 def test_threads_sending_at_once_each_use_a_connection_of_their_own(client, sandbox):
     sandbox.set_faults({"latency_ms": 150})
     barrier = threading.Barrier(6)
-    pools, statuses = {}, []
+    connections, statuses = {}, []
 
     def one(n: int) -> None:
         barrier.wait()
         for k in range(3):
             statuses.append(client.track_lead(lead(10 * n + k)).http_status)
-        pools[n] = client._pool
+        connections[n] = client._connection()
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
     for thread in threads:
@@ -242,15 +263,14 @@ def test_threads_sending_at_once_each_use_a_connection_of_their_own(client, sand
     for thread in threads:
         thread.join(timeout=30)
     assert statuses == [200] * 18 and sandbox.stats()["leads"] == 18
-    assert len({id(p) for p in pools.values()}) == 6 and client._pool not in pools.values()
+    assert len({id(c) for c in connections.values()}) == 6 and client._connection() not in connections.values()
     # Each thread kept its connection: one per thread for its three requests.
-    for manager in pools.values():
-        assert sum(manager.pools[key].num_connections for key in manager.pools.keys()) == 1
+    assert [(c.requests, c.opened) for c in connections.values()] == [(3, 1)] * 6
     # The six were on the wire together: the sandbox received them within one answer's time (150 ms).
     moments = sorted(datetime.fromisoformat(r["received_at"].replace("Z", "+00:00")) for r in sandbox.requests())
     assert (moments[5] - moments[0]).total_seconds() < 0.15
     client.close()
-    assert client._pools == []
+    assert client._connections == []
 
 
 def test_a_connection_idle_too_long_is_not_used_again(client, sandbox, monkeypatch):
@@ -260,10 +280,30 @@ def test_a_connection_idle_too_long_is_not_used_again(client, sandbox, monkeypat
     assert client.track_lead(lead(2)).http_status == 200
     monkeypatch.setattr(client_module, "IDLE_RECONNECT_SECONDS", 0.0)  # any pause is too long now
     assert client.track_lead(lead(3)).http_status == 200
-    pools = client._pool.pools
-    # The third request went over a new connection (the pool was emptied before it), the first two over one.
-    assert [pools[key].num_connections for key in pools.keys()] == [1]
+    # The third request went over a new connection, the first two over one.
+    assert client._connection().opened == 2
     assert sandbox.stats()["requests"] == 3
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_used(echo):
+    # Servers drop idle keep-alive connections after their own timeout (often a few seconds): the
+    # next request opens a new connection instead of going out on the closed one and getting no answer.
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        assert c.track_lead(lead(1)).http_status == 200
+        connection = c._connection()
+        echo.drop_connections()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not client_module_dropped(connection):
+            time.sleep(0.01)
+        assert c.track_lead(lead(2)).http_status == 200
+        assert connection.opened == 2
+    assert len(echo.received) == 2
+
+
+def client_module_dropped(connection) -> bool:
+    from lead_sync.client import _dropped
+
+    return connection.http.sock is None or _dropped(connection.http.sock)
 
 
 def test_timeout_returns_no_status_quickly(sandbox):
@@ -331,6 +371,60 @@ def test_proxy_from_environment_is_used_for_other_hosts(echo, monkeypatch):
     with CutMeShortClient("http://api.example.test", TOKEN, allow_insecure_http=True, timeout_seconds=1.0) as c:
         assert c.track_lead(LEAD).http_status is None
     assert len(echo.received) == 1
+
+
+def test_https_through_a_proxy_is_a_connect_tunnel_with_the_proxy_credentials(echo, monkeypatch):
+    # The token never reaches the proxy: HTTPS goes through it in a CONNECT tunnel, and the
+    # proxy's own credentials (user info in HTTPS_PROXY) go in Proxy-Authorization.
+    proxy = echo.url.replace("http://", "http://proxy%40user:s3cret@")
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with CutMeShortClient("https://api.example.test", TOKEN, timeout_seconds=2.0) as c:
+        response = c.track_lead(LEAD)
+    assert response.http_status is None and response.error.startswith("ConnectionError")
+    assert "407" in response.error
+    expected = "Basic " + base64.b64encode(b"proxy@user:s3cret").decode()
+    assert echo.received == [{"method": "CONNECT", "path": "api.example.test:443", "proxy_authorization": expected}]
+    no_token(json.dumps(echo.received))
+
+
+def test_an_https_proxy_url_is_refused_when_the_client_is_made(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example.test:3128")
+    for name in ("NO_PROXY", "no_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="http:// URL"):
+        CutMeShortClient("https://api.example.test", TOKEN)
+
+
+def test_https_checks_the_certificate(tmp_path):
+    # A server whose certificate no CA in certifi's bundle signed: no request goes out over it.
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        accepted = []
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    accepted.append(tls.recv(1))
+            except (ssl.SSLError, OSError):
+                accepted.append(None)  # the client hung up in the handshake
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with CutMeShortClient(f"https://127.0.0.1:{port}", TOKEN, timeout_seconds=2.0) as c:
+            response = c.track_lead(LEAD)
+        thread.join(timeout=5)
+    assert response.http_status is None and response.error.startswith("SSLError")
+    assert "certificate verify failed" in response.error
+    assert accepted == [None]  # nothing was sent
 
 
 def test_redirects_are_not_followed(echo):

@@ -1,25 +1,28 @@
 """HTTP client for the CutMeShort lead API: one request per event over kept-alive connections.
 
-Built on urllib3 (the transport under requests) without the requests layer: at several hundred
-requests a second, requests' per-request work (hooks, cookie jar, environment merging) costs
-more CPU than the request itself. Safe for use from several threads at once: each thread sends
-over a connection pool of its own, created on its first request and kept for its later ones."""
+Built on the standard library's `http.client`: each sending thread keeps one connection of its
+own. urllib3 (and requests above it) spends about twice the CPU per request on its pool, URL and
+header layers, and at thousands of requests a second that CPU, not the network, sets the pace
+(README, "Choices"). The client never retries and never follows a redirect: the delivery policy
+decides what happens after an answer or its absence."""
 from __future__ import annotations
 
+import base64
+import http.client
 import ipaddress
 import json
 import math
+import select
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 import certifi
-import urllib3
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 from urllib3.util import parse_url
 
 LEAD_PATH = "/track/lead"
@@ -53,7 +56,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _transport_host(url: str) -> str | None:
-    """The host the HTTP stack (urllib3) will actually connect to."""
+    """The host another parser (urllib3's, as most HTTP stacks read URLs) sees in the URL: when
+    it is not the one urlsplit sees, which the client connects to, the URL is ambiguous."""
     try:
         host = parse_url(url).host
     except ValueError:
@@ -131,15 +135,104 @@ def _proxy_for(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
-def _error_kind(exc: Exception) -> str:
-    """A stable name for a request that got no answer (the audit quotes it)."""
-    if isinstance(exc, NewConnectionError):  # before ConnectTimeoutError: urllib3 makes it one of those
-        return "ConnectionError"
-    if isinstance(exc, ReadTimeoutError):
-        return "ReadTimeout"
-    if isinstance(exc, ConnectTimeoutError):
+def _proxy_parts(proxy: str) -> tuple[str, int, dict[str, str]]:
+    """Host, port and the Proxy-Authorization header (from user info) of an http:// proxy URL."""
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"the proxy the environment names for the API must be an http:// URL (got scheme "
+                         f"{parts.scheme!r}); HTTPS goes through it in a CONNECT tunnel")
+    headers = {}
+    if parts.username is not None:
+        user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
+    return parts.hostname, parts.port or 80, headers
+
+
+class _Connection:
+    """One thread's kept-alive connection to the API (through the proxy when there is one)."""
+
+    def __init__(self, client: "CutMeShortClient") -> None:
+        self.opened = 0  # sockets opened
+        self.requests = 0
+        self.last_used: float | None = None
+        target = urlsplit(client.base_url)
+        https = target.scheme == "https"
+        port = target.port or (443 if https else 80)
+        self.path = (target.path or "") + LEAD_PATH
+        self.headers = dict(client._headers)
+        timeout = client.timeout_seconds
+        context = ssl.create_default_context(cafile=certifi.where()) if https else None
+        if client._proxy is None:
+            self.http = (http.client.HTTPSConnection(target.hostname, port, timeout=timeout, context=context)
+                         if https else http.client.HTTPConnection(target.hostname, port, timeout=timeout))
+            return
+        proxy_host, proxy_port, proxy_headers = _proxy_parts(client._proxy)
+        if https:  # a CONNECT tunnel through the proxy, TLS to the API inside it
+            self.http = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=context)
+            self.http.set_tunnel(target.hostname, port, headers=proxy_headers)
+        else:  # a plain-http proxy takes the absolute URL
+            self.http = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
+            self.path = client.base_url + LEAD_PATH
+            self.headers.update(proxy_headers)
+
+    def post(self, body: bytes) -> tuple[int, bytes, str | None]:
+        """(status, body, Retry-After); raises _NoAnswer when no answer came."""
+        conn = self.http
+        if conn.sock is not None and _dropped(conn.sock):
+            conn.close()  # the server closed it while it was idle: a request on it would get no answer
+        if conn.sock is None:
+            try:
+                conn.connect()
+            except Exception as exc:  # noqa: BLE001 - every failure to connect is a "no answer"
+                conn.close()
+                raise _NoAnswer(_connect_error(exc), exc) from exc
+            self.opened += 1
+        self.requests += 1
+        try:
+            conn.request("POST", self.path, body=body, headers=self.headers)
+            response = conn.getresponse()
+            data = response.read()
+        except Exception as exc:  # noqa: BLE001 - the request may or may not have reached the API
+            conn.close()
+            raise _NoAnswer(_exchange_error(exc), exc) from exc
+        finally:
+            self.last_used = time.monotonic()
+        if response.will_close:
+            conn.close()
+        return response.status, data, response.getheader("Retry-After")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _dropped(sock) -> bool:
+    """An idle kept-alive socket with something to read has been closed by the server (or holds
+    bytes nobody asked for): not fit for another request."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+class _NoAnswer(Exception):
+    def __init__(self, kind: str, cause: BaseException) -> None:
+        super().__init__(kind)
+        self.kind, self.cause = kind, cause
+
+
+def _connect_error(exc: BaseException) -> str:
+    """A stable name for a connection that could not be opened (the audit quotes it)."""
+    if isinstance(exc, TimeoutError):
         return "ConnectTimeout"
-    if isinstance(exc, SSLError):
+    if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+        return "SSLError"
+    return "ConnectionError"
+
+
+def _exchange_error(exc: BaseException) -> str:
+    """A stable name for a request sent over an open connection that got no answer."""
+    if isinstance(exc, TimeoutError):
+        return "ReadTimeout"
+    if isinstance(exc, ssl.SSLError):
         return "SSLError"
     return "ConnectionError"
 
@@ -153,59 +246,54 @@ class CutMeShortClient:
         self._token = token
         self.base_url = check_base_url(base_url, allow_insecure_http)
         self.timeout_seconds = timeout_seconds
-        self._url = self.base_url + LEAD_PATH
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
                          "Accept": "application/json"}
         self._proxy = _proxy_for(self.base_url)
+        if self._proxy is not None:
+            _proxy_parts(self._proxy)  # a proxy the client cannot use is refused now, not at the first send
         self._local = threading.local()
-        self._pools: list[urllib3.PoolManager] = []  # every thread's, to close them all
-        self._pools_lock = threading.Lock()
+        self._connections: list[_Connection] = []  # every thread's, to close them all
+        self._connections_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never show the token
         return f"CutMeShortClient({self.base_url!r})"
 
-    @property
-    def _pool(self) -> urllib3.PoolManager:
-        """The calling thread's pool: one connection, kept alive between its requests. No retries
-        and no redirects inside it (the delivery policy decides)."""
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            options = dict(num_pools=1, maxsize=1, retries=False, ca_certs=certifi.where(),
-                           timeout=urllib3.Timeout(connect=self.timeout_seconds, read=self.timeout_seconds))
-            pool = urllib3.ProxyManager(self._proxy, **options) if self._proxy else urllib3.PoolManager(**options)
-            with self._pools_lock:
-                self._pools.append(pool)
-            self._local.pool = pool
-        return pool
+    def _connection(self) -> _Connection:
+        """The calling thread's connection, created on its first request and kept for its later ones."""
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = _Connection(self)
+            with self._connections_lock:
+                self._connections.append(connection)
+            self._local.connection = connection
+        return connection
 
     def close_thread_connection(self) -> None:
         """Close the calling thread's connection (a worker thread that is done sending)."""
-        pool = getattr(self._local, "pool", None)
-        if pool is not None:
-            self._local.pool = None
-            with self._pools_lock:
-                if pool in self._pools:
-                    self._pools.remove(pool)
-            pool.clear()
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            self._local.connection = None
+            with self._connections_lock:
+                if connection in self._connections:
+                    self._connections.remove(connection)
+            connection.close()
 
     def track_lead(self, payload: dict) -> ApiResponse:
-        pool = self._pool
         started = time.monotonic()
-        last = getattr(self._local, "last_used", None)
-        if last is not None and started - last > IDLE_RECONNECT_SECONDS:
-            pool.clear()  # its kept connection goes; the next request opens a fresh one
         try:
             body = json.dumps(payload, allow_nan=False).encode()
-            response = pool.request("POST", self._url, body=body, headers=self._headers, redirect=False)
-        except (HTTPError, ValueError) as exc:
-            self._local.last_used = time.monotonic()
-            kind = "InvalidJSONError" if isinstance(exc, ValueError) else _error_kind(exc)
-            return ApiResponse(None, None, _ms(started), None, self._scrub(f"{kind}: {_short(exc)}", payload))
-        self._local.last_used = time.monotonic()
-        return ApiResponse(
-            response.status, self._scrub(response.data.decode("utf-8", errors="replace"), payload), _ms(started),
-            parse_retry_after(response.headers.get("Retry-After")), None,
-        )
+        except ValueError as exc:
+            return ApiResponse(None, None, _ms(started), None, self._scrub(f"InvalidJSONError: {_short(exc)}", payload))
+        connection = self._connection()
+        if connection.last_used is not None and started - connection.last_used > IDLE_RECONNECT_SECONDS:
+            connection.close()  # the next request opens a fresh connection
+        try:
+            status, data, retry_after = connection.post(body)
+        except _NoAnswer as exc:
+            return ApiResponse(None, None, _ms(started), None,
+                               self._scrub(f"{exc.kind}: {_short(exc.cause)}", payload))
+        return ApiResponse(status, self._scrub(data.decode("utf-8", errors="replace"), payload), _ms(started),
+                           parse_retry_after(retry_after), None)
 
     def _scrub(self, text: str, payload: dict) -> str:
         """Answers and errors end up in the audit: never with the token, an email or a name in them."""
@@ -221,11 +309,11 @@ class CutMeShortClient:
         return text
 
     def close(self) -> None:
-        with self._pools_lock:
-            pools, self._pools = self._pools, []
-            self._local = threading.local()  # a thread sending after this gets a new pool
-        for pool in pools:
-            pool.clear()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()  # a thread sending after this gets a new connection
+        for connection in connections:
+            connection.close()
 
     def __enter__(self) -> "CutMeShortClient":
         return self
@@ -238,6 +326,7 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _short(exc: Exception) -> str:
-    # urllib3's messages repeat the pool and the URL; keep the first line, bounded.
-    return str(exc).splitlines()[0][:300] if str(exc) else ""
+def _short(exc: BaseException) -> str:
+    # The first line, bounded: the audit keeps it.
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]
