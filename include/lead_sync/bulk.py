@@ -1,16 +1,18 @@
-"""Updating many rows, each with values of its own, in one statement.
+"""Writing many rows, each with values of its own, in one statement.
 
 SQLAlchemy runs an UPDATE with a list of parameter sets as the driver's executemany, which
 psycopg2 sends to PostgreSQL one row at a time: a round trip per row. On PostgreSQL the rows
 go instead as one array per parameter, joined to the table with `unnest` (`UPDATE ... FROM
-unnest(...) AS v(...)`): one statement, one round trip. Elsewhere (SQLite, in process) the
+unnest(...) AS v(...)`): one statement, one round trip. Inserts go the same way (`INSERT ...
+SELECT FROM unnest(...)`): SQLAlchemy's own multi-row VALUES costs Python work per row and per
+value, the arrays are adapted by the driver in C. Elsewhere (SQLite, in process) the
 executemany is kept.
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-from sqlalchemy import Table, bindparam, cast, column, func, update
+from sqlalchemy import Table, bindparam, cast, column, func, insert, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
@@ -18,6 +20,26 @@ from sqlalchemy.types import TypeEngine
 
 # A row's parameter by name: a bound parameter (executemany) or a column of the unnested arrays.
 Ref = Callable[[str], ColumnElement]
+
+
+def _unnested(types: Mapping[str, TypeEngine], rows: Sequence[Mapping]):
+    """The rows as one table-valued `unnest` of an array per parameter (PostgreSQL)."""
+    arrays = [cast(bindparam(f"{name}_array", [row[name] for row in rows], type_=ARRAY(kind)), ARRAY(kind))
+              for name, kind in types.items()]
+    return (func.unnest(*arrays).table_valued(*(column(name, kind) for name, kind in types.items()))
+            .render_derived(name="v"))
+
+
+def insert_each(conn: Connection, table: Table, rows: Sequence[Mapping]) -> None:
+    """Insert `rows` (dicts with the same keys, named for the table's columns), in one statement on PostgreSQL."""
+    if not rows:
+        return
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table), list(rows))
+        return
+    names = list(rows[0])
+    source = _unnested({name: table.c[name].type for name in names}, rows)
+    conn.execute(insert(table).from_select(names, select(*(source.c[name] for name in names))))
 
 
 def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine], rows: Sequence[Mapping],
@@ -28,11 +50,7 @@ def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine],
         return
     names = list(types)
     if conn.dialect.name == "postgresql":
-        arrays = [cast(bindparam(f"{name}_array", [row[name] for row in rows], type_=ARRAY(types[name])),
-                       ARRAY(types[name])) for name in names]
-        source = (func.unnest(*arrays)
-                  .table_valued(*(column(name, types[name]) for name in names))
-                  .render_derived(name="v"))
+        source = _unnested(types, rows)
 
         def ref(name: str) -> ColumnElement:
             return source.c[name]

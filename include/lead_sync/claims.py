@@ -8,7 +8,7 @@ of many requests, each with its attempt row, in one transaction (`settle_many`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
@@ -16,7 +16,7 @@ from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, tr
 from sqlalchemy.engine import Connection, Engine
 
 from .audit import attempts, deliveries, outbox
-from .bulk import Ref, update_each
+from .bulk import Ref, insert_each, update_each
 from .clock import as_utc, utcnow
 from .events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, EVENT_ONE, PENDING, REJECTED
 from .retry import UNKNOWN
@@ -103,14 +103,19 @@ def outbox_body(engine: Engine, key: str) -> dict | None:
 
 
 def outbox_bodies(engine: Engine, keys: Sequence[str]) -> dict[str, dict]:
-    """The bodies to send of these events, in one query per CHUNK keys (a read: nothing is committed)."""
+    """The bodies to send of these events (a read: nothing is committed)."""
+    with engine.connect() as conn:
+        return _bodies(conn, keys)
+
+
+def _bodies(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
+    """The bodies to send of these events, in one query per CHUNK keys."""
     found: dict[str, dict] = {}
     keys = list(keys)
-    with engine.connect() as conn:
-        for start in range(0, len(keys), CHUNK):
-            rows = conn.execute(select(outbox.c.event_key, outbox.c.body)
-                                .where(outbox.c.event_key.in_(keys[start:start + CHUNK])))
-            found.update((key, json.loads(body)) for key, body in rows)
+    for start in range(0, len(keys), CHUNK):
+        rows = conn.execute(select(outbox.c.event_key, outbox.c.body)
+                            .where(outbox.c.event_key.in_(keys[start:start + CHUNK])))
+        found.update((key, json.loads(body)) for key, body in rows)
     return found
 
 
@@ -175,6 +180,7 @@ class Claimed:
     claims: list[Claim]
     firsts_short: bool = False  # fewer event 1s than asked for were free: none is left for this sender
     confirms_short: bool = False  # likewise event 2s (more may qualify once event 1s are delivered)
+    bodies: dict[str, dict] = field(default_factory=dict)  # of the events taken new (not `keys`)
 
 
 def claim_many(engine: Engine, run_id: str, lease_seconds: float, not_tried_since: datetime, *,
@@ -204,6 +210,7 @@ def claim_many(engine: Engine, run_id: str, lease_seconds: float, not_tried_sinc
 
     with engine.begin() as conn:
         taken += take(conn, list(keys), _free(now, sender))
+        again = len(taken)
         for kind, wanted in ((False, firsts), (True, confirms)):
             asked = new if kind or firsts_limit is None else min(new, firsts_limit)
             if not wanted or asked <= 0:
@@ -226,6 +233,8 @@ def claim_many(engine: Engine, run_id: str, lease_seconds: float, not_tried_sinc
                 # without SKIP LOCKED): read again.
             new -= len(rows)
             taken += rows
+        # Read in the claim's transaction: no connection and round trip of their own.
+        result.bodies = _bodies(conn, [row.event_key for row in taken[again:]])
     result.claims = sorted(_claims(taken), key=lambda c: (c.event_time is None, c.event_time or now, c.event_key))
     return result
 
@@ -266,7 +275,7 @@ def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None
     newer state; the attempt row is written all the same, since the request was made."""
     if not items:
         return
-    conn.execute(insert(attempts), [
+    insert_each(conn, attempts, [
         dict(event_key=i.event_key, attempt=i.attempt, run_id=run_id, sent_at=i.sent_at,
              http_status=i.outcome.http_status, latency_ms=i.outcome.latency_ms, outcome=i.outcome.outcome,
              error=i.outcome.error) for i in items])

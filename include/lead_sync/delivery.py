@@ -352,6 +352,7 @@ class Sender:
         self._cpu: float | None = None  # CPU seconds this process spends per request, moving average
         self._fastest: float | None = None  # the shortest round trip so far, seconds
         self._recent: deque[float] = deque()  # time.monotonic() of the answers of the last second
+        self._first_answer: float | None = None  # time.monotonic() of the first answer
         self._limit = 1  # requests in flight allowed now: the first one goes alone
         self._retries: list[tuple[float, int, _Event]] = []  # (due, order, event), a heap
         self._order = itertools.count()
@@ -545,7 +546,7 @@ class Sender:
                 firsts_left = False
             if taken.confirms_short:
                 confirms_seen = generation
-            self._queue(taken.claims, retry, grants)
+            self._queue(taken, retry, grants)
 
     def _has_work(self, started: datetime, firsts: bool = True, confirms: bool = True) -> bool:
         """Whether an event of the kinds this sender may still take is there to take (a read)."""
@@ -602,10 +603,13 @@ class Sender:
         """Events to claim beyond those on the wire: what the workers send in BACKLOG_SECONDS."""
         if not self._answered:
             return 0
-        horizon = time.monotonic() - 1.0
-        while self._recent and self._recent[0] < horizon:
+        now = time.monotonic()
+        while self._recent and self._recent[0] < now - 1.0:
             self._recent.popleft()
-        return min(BACKLOG_MAX, int(len(self._recent) * BACKLOG_SECONDS))
+        # The rate over the last second, or over the time since the first answer when that is shorter
+        # (in a run's first second, counting a whole second would claim in tiny blocks).
+        seconds = min(1.0, max(now - self._first_answer, 0.05))
+        return min(BACKLOG_MAX, int(len(self._recent) / seconds * BACKLOG_SECONDS))
 
     def _take_grants(self, count: int) -> tuple[list[Grant], float]:
         """Slots for `count` requests: those still fresh from the last block, then a new block."""
@@ -645,18 +649,16 @@ class Sender:
             heapq.heapify(self._retries)
         return taken
 
-    def _queue(self, taken: list[Claim], retry: list[_Event], grants: list[Grant]) -> None:
+    def _queue(self, taken: claims.Claimed, retry: list[_Event], grants: list[Grant]) -> None:
         by_key = {event.key: event for event in retry}
-        fresh = [c.event_key for c in taken if c.event_key not in by_key]
-        bodies = claims.outbox_bodies(self.engine, fresh) if fresh else {}
         now = self.clock()
         grants = list(grants)
         jobs = []
-        for claim in taken:
+        for claim in taken.claims:
             event = by_key.get(claim.event_key)
             if event is None:
                 self._taken += 1
-                payload = bodies.get(claim.event_key)
+                payload = taken.bodies.get(claim.event_key)
                 if payload is None:  # its body went meanwhile (the event was closed): nothing to send
                     self._writer.unsent(claim.event_key, claim.attempt, None)
                     continue
@@ -821,6 +823,8 @@ class Sender:
         a request's time on the wire (`seconds`) and the CPU time this process spent on it."""
         self._answered += 1
         self._recent.append(time.monotonic())
+        if self._first_answer is None:
+            self._first_answer = self._recent[-1]
         self._latency = seconds if self._latency is None else 0.8 * self._latency + 0.2 * seconds
         self._cpu = cpu if self._cpu is None else 0.8 * self._cpu + 0.2 * cpu
         self._fastest = seconds if self._fastest is None else min(self._fastest, seconds)

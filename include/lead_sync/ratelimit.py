@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from sqlalchemy import bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Float, Integer, String, case, delete, func, insert, literal, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -162,12 +162,13 @@ class SharedRateLimiter:
             free = min(count, self.per_minute - used)
             if free <= 0:
                 return [], max(oldest + self.window - now, 0.01)
-            if free == 1:
-                ids = [conn.execute(insert(rate_slots).values(bucket=self.bucket, granted_at=now))
-                       .inserted_primary_key[0]]
-            else:
-                ids = list(conn.execute(insert(rate_slots).returning(rate_slots.c.id, sort_by_parameter_order=True),
-                                        [{"bucket": self.bucket, "granted_at": now}] * free).scalars())
+            # The slots in one INSERT ... SELECT over a counting CTE: the database makes the rows,
+            # not one set of bound values per row.
+            count_up = select(literal(1, Integer).label("n")).cte("n", recursive=True)
+            count_up = count_up.union_all(select(count_up.c.n + 1).where(count_up.c.n < free))
+            rows = select(literal(self.bucket, String).label("bucket"), literal(now, Float).label("granted_at"))
+            ids = list(conn.execute(insert(rate_slots).from_select(["bucket", "granted_at"], rows.select_from(count_up))
+                                    .returning(rate_slots.c.id)).scalars())
             return [Grant(slot, now) for slot in ids], 0.0
 
     def give_back(self, slots: Iterable[int | None]) -> None:
