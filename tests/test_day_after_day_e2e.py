@@ -76,6 +76,7 @@ class Run:
         state = dag_run.state
         self.state = state.value if hasattr(state, "value") else str(state)
         self.run_id = dag_run.run_id
+        self.logical_date = dag_run.logical_date
         with create_session() as session:
             tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_run.dag_id,
                                                              TaskInstance.run_id == dag_run.run_id)).all()
@@ -160,7 +161,8 @@ def test_failed_run_alerts_once_by_mail_and_slack_then_recovers(warehouse, sandb
     rcpts, subject, body, _ = mails[0]
     assert sorted(rcpts) == RECIPIENTS
     assert subject == f"[{NIGHTLY}] ALERT: run failed (partition 2026-11-27)"
-    assert first.run_id.startswith("manual__2026-11-28")
+    # A manual run of logical date 2026-11-28 (its id is stamped with the moment it was made).
+    assert first.run_id.startswith("manual__") and first.logical_date.date().isoformat() == "2026-11-28"
     for needle in (NIGHTLY, first.run_id, "Partition:      2026-11-27", "refused the token", "cutmeshort_default"):
         assert needle in body, needle
     assert status_line(body, "pending") == total and status_line(body, "delivered") == 0
