@@ -28,6 +28,10 @@ MAX_BODY_BYTES = 1024 * 1024
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a sender opening a few connections at once while
+    # the server is busy overflows it, and each dropped connection waits a second for TCP to try
+    # again. An API's load balancer takes far more.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], state: SandboxState) -> None:
         if ":" in address[0]:
