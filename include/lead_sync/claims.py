@@ -99,13 +99,9 @@ def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
 
 
 def outbox_body(engine: Engine, key: str) -> dict | None:
-    return outbox_bodies(engine, [key]).get(key)
-
-
-def outbox_bodies(engine: Engine, keys: Sequence[str]) -> dict[str, dict]:
-    """The bodies to send of these events (a read: nothing is committed)."""
+    """The body to send of one event (a read: nothing is committed)."""
     with engine.connect() as conn:
-        return _bodies(conn, keys)
+        return _bodies(conn, [key]).get(key)
 
 
 def _bodies(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
