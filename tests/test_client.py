@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -303,7 +304,7 @@ def test_a_connection_the_server_closed_while_idle_is_not_used(echo):
 def client_module_dropped(connection) -> bool:
     from lead_sync.client import _dropped
 
-    return connection.http.sock is None or _dropped(connection.http.sock)
+    return connection.sock is None or _dropped(connection.sock)
 
 
 def test_timeout_returns_no_status_quickly(sandbox):
@@ -425,6 +426,98 @@ def test_https_checks_the_certificate(tmp_path):
     assert response.http_status is None and response.error.startswith("SSLError")
     assert "certificate verify failed" in response.error
     assert accepted == [None]  # nothing was sent
+
+
+class RawServer:
+    """Answers each request with bytes given as they are (what a server may do at the edges of HTTP)."""
+
+    def __init__(self, answers: list[bytes], close_after: bool = False) -> None:
+        self.answers, self.close_after = list(answers), close_after
+        self.connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self.answers:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                while self.answers:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        request += chunk
+                    if not request:
+                        break
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    conn.sendall(self.answers.pop(0))
+                    if self.close_after:
+                        break
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.mark.parametrize("raw, status, body", [
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 200, "ok"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n4\r\n\": 1\r\n1\r\n}\r\n0\r\n\r\n", 200,
+     '{"a": 1}'),
+    (b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n", 429, ""),
+])
+def test_answers_framed_every_way_http_allows_are_read(raw, status, body):
+    server = RawServer([raw, raw])
+    try:
+        with CutMeShortClient(server.url, TOKEN, timeout_seconds=2.0) as c:
+            for _ in range(2):
+                response = c.track_lead(LEAD)
+                assert (response.http_status, response.body) == (status, body)
+                assert response.retry_after == (7.0 if status == 429 else None)
+        assert server.connections == 1  # kept alive after each of them
+    finally:
+        server.close()
+
+
+def test_an_answer_that_ends_with_the_connection_is_read_and_the_next_request_reconnects():
+    raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"success\": true}"
+    server = RawServer([raw, raw], close_after=True)
+    try:
+        with CutMeShortClient(server.url, TOKEN, timeout_seconds=2.0) as c:
+            assert [(r.http_status, r.body) for r in (c.track_lead(LEAD), c.track_lead(LEAD))] == \
+                [(200, '{"success": true}')] * 2
+        assert server.connections == 2
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",  # cut short
+    b"this is not HTTP\r\n\r\n",
+    b"",  # closed without a byte
+])
+def test_an_answer_cut_short_or_not_http_is_no_answer(raw):
+    server = RawServer([raw], close_after=True)
+    try:
+        with CutMeShortClient(server.url, TOKEN, timeout_seconds=2.0) as c:
+            response = c.track_lead(LEAD)
+        assert response.http_status is None and response.error.startswith("ConnectionError")
+        assert classify(response) == RETRY
+    finally:
+        server.close()
+
+
+def test_a_base_url_path_that_cannot_go_in_a_request_line_is_refused():
+    with pytest.raises(ValueError, match="plain ASCII"):
+        CutMeShortClient("http://127.0.0.1:8765/caf\u00e9", TOKEN)
 
 
 def test_redirects_are_not_followed(echo):

@@ -347,6 +347,9 @@ class Sender:
         self._writer: _Writer | None = None
         self._stopping = False
         self._outstanding = 0  # claimed and queued or on the wire, not answered yet
+        # An answer wakes the dispatcher once no more than this many are outstanding (each answer,
+        # unless it waits to claim a block); a refusal, a retry, a pause or the last answer always do.
+        self._wake_at: float = math.inf
         self._answered = 0
         self._latency: float | None = None  # seconds, moving average
         self._cpu: float | None = None  # CPU seconds this process spends per request, moving average
@@ -517,8 +520,10 @@ class Sender:
                         return
                     continue
                 return
-            if outstanding and capacity < max(1, self._backlog() // 2):
-                self._wait_for_answers(later)  # claim in blocks, not one event per answer
+            threshold = max(1, self._backlog() // 2)
+            if outstanding and capacity < threshold:
+                # Claim in blocks, not one event per answer: woken once that many are answered.
+                self._wait_for_answers(later, wake_at=outstanding - (threshold - capacity))
                 continue
             if now < self._slot_at and not self._grants:
                 grants, wait = [], self._slot_at - now  # no slot frees before then: no need to ask
@@ -582,12 +587,15 @@ class Sender:
         self._writer.flush()
         self.sleep(seconds)
 
-    def _wait_for_answers(self, until: float | None) -> None:
-        """Wait for an answer (real time, a short while: the sender's clock may be a test's)."""
+    def _wait_for_answers(self, until: float | None, wake_at: int | None = None) -> None:
+        """Wait for an answer (real time, a short while: the sender's clock may be a test's); with
+        `wake_at`, until no more than that many are outstanding (or anything else happens)."""
         timeout = POLL_SECONDS if until is None else min(POLL_SECONDS, max(until - self.clock(), 0.001))
         with self._cond:
             if self._outstanding and self._failure is None and self._writer.error is None:
+                self._wake_at = self._outstanding if wake_at is None else wake_at
                 self._cond.wait(timeout)
+                self._wake_at = math.inf
 
     def _wake(self) -> None:
         with self._cond:
@@ -816,7 +824,8 @@ class Sender:
             if response.http_status == 429 and response.retry_after:
                 self._pause_until = max(self._pause_until, answered + response.retry_after)
             self._outstanding -= 1
-            self._cond.notify_all()
+            if self._outstanding <= self._wake_at or outcome.status != DELIVERED:
+                self._cond.notify_all()
 
     def _answered_one(self, seconds: float, cpu: float) -> None:
         """Count an answer (under the lock); size the requests in flight from what was measured:
