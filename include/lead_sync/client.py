@@ -170,12 +170,11 @@ def _request_head(base_url: str, headers: dict[str, str], absolute: bool, proxy_
 class _Answer:
     """One response as httptools' parser reads it (its callbacks)."""
 
-    __slots__ = ("parser", "status", "headers_done", "framed", "body", "retry_after", "complete", "keep_alive")
+    __slots__ = ("parser", "status", "framed", "body", "retry_after", "complete", "keep_alive")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
-        self.status: int | None = None
-        self.headers_done = False
+        self.status: int | None = None  # set once the headers are read
         self.framed = False  # a Content-Length or a Transfer-Encoding says where the body ends
         self.body: list[bytes] = []
         self.retry_after: str | None = None
@@ -191,14 +190,13 @@ class _Answer:
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
-        self.headers_done = True
 
     def on_body(self, data: bytes) -> None:
         self.body.append(data)
 
     def on_message_complete(self) -> None:
         if self.status is not None and 100 <= self.status < 200:  # an interim answer: the real one follows
-            self.status, self.headers_done, self.framed, self.retry_after = None, False, False, None
+            self.status, self.framed, self.retry_after = None, False, None
             self.body = []
             return
         self.complete = True
@@ -218,20 +216,7 @@ class _Connection:
         self.sock: socket.socket | None = None
         self.head = client._head
         self.timeout = client.timeout_seconds
-        target = urlsplit(client.base_url)
-        https = target.scheme == "https"
-        port = target.port or (443 if https else 80)
-        timeout, context = client.timeout_seconds, client._tls
-        if client._proxy is None:
-            self._opener = (http.client.HTTPSConnection(target.hostname, port, timeout=timeout, context=context)
-                            if https else http.client.HTTPConnection(target.hostname, port, timeout=timeout))
-            return
-        proxy_host, proxy_port, proxy_headers = _proxy_parts(client._proxy)
-        if https:  # a CONNECT tunnel through the proxy, TLS to the API inside it
-            self._opener = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout, context=context)
-            self._opener.set_tunnel(target.hostname, port, headers=proxy_headers)
-        else:  # a plain-http proxy: the request names the absolute URL (client._head)
-            self._opener = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
+        self._opener = client._opener()
 
     def _socket(self) -> socket.socket:
         if self.sock is not None and _dropped(self.sock):
@@ -258,7 +243,7 @@ class _Connection:
             while not answer.complete:
                 data = sock.recv(65536)
                 if not data:
-                    if answer.headers_done and not answer.framed:  # a body that ends with the connection
+                    if answer.status is not None and not answer.framed:  # a body that ends with the connection
                         answer.complete, keep = True, False
                         break
                     raise ConnectionError("the server closed the connection before its answer was complete")
@@ -330,7 +315,16 @@ class CutMeShortClient:
         https = urlsplit(self.base_url).scheme == "https"
         self._tls = ssl.create_default_context(cafile=certifi.where()) if https else None
         self._proxy = _proxy_for(self.base_url)
-        proxy_headers = _proxy_parts(self._proxy)[2] if self._proxy is not None else {}  # refused now if unusable
+        parts = urlsplit(self.base_url)
+        api = (parts.hostname, parts.port or (443 if https else 80))
+        # Where each connection goes (the proxy when there is one) and the tunnel it asks the proxy
+        # for (HTTPS); a proxy the client cannot use is refused now, not at the first send.
+        self._address, self._tunnel, proxy_headers = api, None, {}
+        if self._proxy is not None:
+            proxy_host, proxy_port, proxy_headers = _proxy_parts(self._proxy)
+            self._address = (proxy_host, proxy_port)
+            if https:
+                self._tunnel = (*api, proxy_headers)
         self._head = _request_head(self.base_url, self._headers, self._proxy is not None and not https, proxy_headers)
         self._local = threading.local()
         self._connections: list[_Connection] = []  # every thread's, to close them all
@@ -338,6 +332,18 @@ class CutMeShortClient:
 
     def __repr__(self) -> str:  # never show the token
         return f"CutMeShortClient({self.base_url!r})"
+
+    def _opener(self) -> http.client.HTTPConnection:
+        """What opens a thread's connections: TCP, the CONNECT tunnel through a proxy, TLS. A
+        plain-http proxy gets the absolute URL in the request line instead (`_head`)."""
+        host, port = self._address
+        if self._tls is None:
+            return http.client.HTTPConnection(host, port, timeout=self.timeout_seconds)
+        opener = http.client.HTTPSConnection(host, port, timeout=self.timeout_seconds, context=self._tls)
+        if self._tunnel is not None:
+            tunnel_host, tunnel_port, headers = self._tunnel
+            opener.set_tunnel(tunnel_host, tunnel_port, headers=headers)
+        return opener
 
     def _connection(self) -> _Connection:
         """The calling thread's connection, created on its first request and kept for its later ones."""

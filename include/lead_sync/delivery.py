@@ -347,8 +347,8 @@ class Sender:
         self._writer: _Writer | None = None
         self._stopping = False
         self._outstanding = 0  # claimed and queued or on the wire, not answered yet
-        # An answer wakes the dispatcher once no more than this many are outstanding (each answer,
-        # unless it waits to claim a block); a refusal, a retry, a pause or the last answer always do.
+        # A delivery wakes the dispatcher once no more than this many are outstanding (any answer,
+        # unless it waits to claim a block); every other answer, and the last one, always do.
         self._wake_at: float = math.inf
         self._answered = 0
         self._latency: float | None = None  # seconds, moving average
