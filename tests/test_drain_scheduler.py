@@ -239,10 +239,27 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         assert resumed_after <= 60 + 30, resumed_after
 
         # ---- 2. the downstream DAG ran on the Asset the nightly run updated --------------------------
+        def asset_scheduling_state() -> str:
+            """What Airflow knows of the Asset's events and the downstream DAG's runs, for a failure message."""
+            queries = {
+                "asset events": "SELECT id, source_dag_id, source_run_id, timestamp FROM asset_event ORDER BY id",
+                "queued (ADRQ)": "SELECT target_dag_id, created_at FROM asset_dag_run_queue",
+                "downstream runs": "SELECT r.run_id, r.state, r.run_after, ti.state AS task_state, ti.try_number "
+                                   "FROM dag_run r LEFT JOIN task_instance ti ON ti.run_id = r.run_id AND "
+                                   f"ti.dag_id = r.dag_id WHERE r.dag_id = '{DOWNSTREAM_DAG}' ORDER BY r.id",
+                "consumed": "SELECT r.run_id, c.event_id FROM dagrun_asset_event c JOIN dag_run r ON r.id = c.dag_run_id",
+                "downstream DAG": f"SELECT is_paused, is_stale FROM dag WHERE dag_id = '{DOWNSTREAM_DAG}'",
+            }
+            with meta.connect() as conn:
+                return "\n".join(f"{name}: {[tuple(row) for row in conn.execute(text(sql))]}" for name, sql in queries.items())
+
         def downstream_of(run_id: str):
             found = [json.loads(p.read_text()) for p in reports.glob("*.json")] if reports.exists() else []
             return [r for r in found if any(s["run_id"] == run_id for s in r["sources"])]
-        after_nightly = wait_for(lambda: downstream_of(nightly), 120, "the downstream DAG to run on the nightly's Asset")
+        try:
+            after_nightly = wait_for(lambda: downstream_of(nightly), 120, "the downstream DAG to run on the nightly's Asset")
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}\n{asset_scheduling_state()}") from None
         ran_at = datetime.fromisoformat(after_nightly[0]["ran_at"])
         assert ran_at > night["finished_at"]
         assert dag_run(DOWNSTREAM_DAG, after_nightly[0]["run_id"])["run_type"] == "asset_triggered"
