@@ -256,10 +256,13 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         def downstream_of(run_id: str):
             found = [json.loads(p.read_text()) for p in reports.glob("*.json")] if reports.exists() else []
             return [r for r in found if any(s["run_id"] == run_id for s in r["sources"])]
-        try:
-            after_nightly = wait_for(lambda: downstream_of(nightly), 120, "the downstream DAG to run on the nightly's Asset")
-        except AssertionError as timed_out:
-            raise AssertionError(f"{timed_out}\n{asset_scheduling_state()}") from None
+        def wait_for_downstream_of(run_id: str, timeout: float, what: str) -> list[dict]:
+            try:
+                return wait_for(lambda: downstream_of(run_id), timeout, what)
+            except AssertionError as timed_out:
+                raise AssertionError(f"{timed_out}\n{asset_scheduling_state()}") from None
+
+        after_nightly = wait_for_downstream_of(nightly, 120, "the downstream DAG to run on the nightly's Asset")
         ran_at = datetime.fromisoformat(after_nightly[0]["ran_at"])
         assert ran_at > night["finished_at"]
         assert dag_run(DOWNSTREAM_DAG, after_nightly[0]["run_id"])["run_type"] == "asset_triggered"
@@ -345,7 +348,7 @@ def test_drain_downstream_asset_and_reopening_under_the_scheduler(tmp_path, pg_w
         assert updated == writers, (updated, writers)
         assert ("lead_events_drain", "after-give-up") not in updated
         for run_id in drained:
-            wait_for(lambda: downstream_of(run_id.split("/", 1)[1]), 60, f"the downstream DAG to run after {run_id}")
+            wait_for_downstream_of(run_id.split("/", 1)[1], 60, f"the downstream DAG to run after {run_id}")
         print(f"  part 3: gave up in {gave_up_in}; 555 re-opened by `tasks clear` of {part} and delivered by "
               f"{ev['555']['last_run_id']}; 556 by the rerun {rerun}; whole test {time.monotonic() - began:.0f}s")
     finally:
