@@ -191,7 +191,8 @@ def test_malformed_token_is_refused_without_quoting_it(sandbox, token):
 # --- the token stays out of everything readable -----------------------------------------
 
 def test_token_not_in_repr(client):
-    no_token(repr(client), str(client), repr(client._connection()))
+    session = client._session()
+    no_token(repr(client), str(client), repr(session.auth), repr(session.__dict__))
     assert client.base_url in repr(client)
 
 
@@ -215,8 +216,8 @@ def test_token_echoed_by_a_server_is_scrubbed(echo):
         response = c.track_lead(LEAD)
     assert echo.received[0]["authorization"] == f"Bearer {TOKEN}"  # it did travel, and came back
     assert response.http_status == 401
-    no_token(response.body, describe(response))
-    assert "[token]" in describe(response)
+    # A refused token's answer is not kept at all: no spelling of the token can hide in it.
+    assert response.body is None and describe(response) == "HTTP 401"
 
 
 def test_email_and_name_quoted_in_an_answer_are_scrubbed(echo):
@@ -236,27 +237,24 @@ def test_email_and_name_quoted_in_an_answer_are_scrubbed(echo):
 
 # --- connection handling ----------------------------------------------------------------
 
-def test_a_thread_reuses_one_connection(client, sandbox):
-    for n in range(20):
-        assert client.track_lead(lead(n)).http_status == 200
-    assert sandbox.stats()["requests"] == 20 and sandbox.stats()["leads"] == 20
-    connection = client._connection()
-    assert (connection.requests, connection.opened) == (20, 1)  # one socket for twenty requests
-    server_side = getattr(getattr(sandbox, "_httpd", None), "open_connections", None)
-    if server_side is not None:
-        assert len(server_side) == 1
+def test_a_thread_reuses_one_connection(echo):
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        for n in range(20):
+            assert c.track_lead(lead(n)).http_status == 200
+    assert len(echo.received) == 20
+    assert len(echo.connections) == 1  # one socket for twenty requests
 
 
 def test_threads_sending_at_once_each_use_a_connection_of_their_own(client, sandbox):
     sandbox.set_faults({"latency_ms": 150})
     barrier = threading.Barrier(6)
-    connections, statuses = {}, []
+    sessions, statuses = {}, []
 
     def one(n: int) -> None:
         barrier.wait()
         for k in range(3):
             statuses.append(client.track_lead(lead(10 * n + k)).http_status)
-        connections[n] = client._connection()
+        sessions[n] = client._session()
 
     threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
     for thread in threads:
@@ -264,47 +262,39 @@ def test_threads_sending_at_once_each_use_a_connection_of_their_own(client, sand
     for thread in threads:
         thread.join(timeout=30)
     assert statuses == [200] * 18 and sandbox.stats()["leads"] == 18
-    assert len({id(c) for c in connections.values()}) == 6 and client._connection() not in connections.values()
-    # Each thread kept its connection: one per thread for its three requests.
-    assert [(c.requests, c.opened) for c in connections.values()] == [(3, 1)] * 6
+    assert len({id(s) for s in sessions.values()}) == 6 and client._session() not in sessions.values()
     # The six were on the wire together: the sandbox received them within one answer's time (150 ms).
     moments = sorted(datetime.fromisoformat(r["received_at"].replace("Z", "+00:00")) for r in sandbox.requests())
     assert (moments[5] - moments[0]).total_seconds() < 0.15
     client.close()
-    assert client._connections == []
+    assert client._sessions == []
 
 
-def test_a_connection_idle_too_long_is_not_used_again(client, sandbox, monkeypatch):
+def test_a_connection_idle_too_long_is_not_used_again(echo, monkeypatch):
     import lead_sync.client as client_module
 
-    assert client.track_lead(lead(1)).http_status == 200
-    assert client.track_lead(lead(2)).http_status == 200
-    monkeypatch.setattr(client_module, "IDLE_RECONNECT_SECONDS", 0.0)  # any pause is too long now
-    assert client.track_lead(lead(3)).http_status == 200
+    with CutMeShortClient(echo.url, TOKEN) as c:
+        assert c.track_lead(lead(1)).http_status == 200
+        assert c.track_lead(lead(2)).http_status == 200
+        monkeypatch.setattr(client_module, "IDLE_RECONNECT_SECONDS", 0.0)  # any pause is too long now
+        assert c.track_lead(lead(3)).http_status == 200
     # The third request went over a new connection, the first two over one.
-    assert client._connection().opened == 2
-    assert sandbox.stats()["requests"] == 3
+    assert len(echo.received) == 3 and len(echo.connections) == 2
 
 
 def test_a_connection_the_server_closed_while_idle_is_not_used(echo):
     # Servers drop idle keep-alive connections after their own timeout (often a few seconds): the
     # next request opens a new connection instead of going out on the closed one and getting no answer.
+    from urllib3.util.wait import wait_for_read
+
     with CutMeShortClient(echo.url, TOKEN) as c:
         assert c.track_lead(lead(1)).http_status == 200
-        connection = c._connection()
+        pools = c._session().get_adapter(echo.url).poolmanager.pools
+        (kept,) = [conn for key in pools.keys() for conn in pools[key].pool.queue if conn is not None]
         echo.drop_connections()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not client_module_dropped(connection):
-            time.sleep(0.01)
+        assert wait_for_read(kept.sock, timeout=5)  # the server's close has reached the client
         assert c.track_lead(lead(2)).http_status == 200
-        assert connection.opened == 2
-    assert len(echo.received) == 2
-
-
-def client_module_dropped(connection) -> bool:
-    from lead_sync.client import _dropped
-
-    return connection.sock is None or _dropped(connection.sock)
+    assert len(echo.received) == 2 and len(echo.connections) == 2
 
 
 def test_timeout_returns_no_status_quickly(sandbox):
@@ -384,19 +374,28 @@ def test_https_through_a_proxy_is_a_connect_tunnel_with_the_proxy_credentials(ec
         monkeypatch.delenv(name, raising=False)
     with CutMeShortClient("https://api.example.test", TOKEN, timeout_seconds=2.0) as c:
         response = c.track_lead(LEAD)
-    assert response.http_status is None and response.error.startswith("ConnectionError")
-    assert "407" in response.error
+    assert response.http_status is None and response.error.startswith("ProxyError")
+    assert "407" in response.error and response.sent is False
     expected = "Basic " + base64.b64encode(b"proxy@user:s3cret").decode()
     assert echo.received == [{"method": "CONNECT", "path": "api.example.test:443", "proxy_authorization": expected}]
     no_token(json.dumps(echo.received))
 
 
-def test_an_https_proxy_url_is_refused_when_the_client_is_made(monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example.test:3128")
-    for name in ("NO_PROXY", "no_proxy", "https_proxy"):
+def test_no_proxy_cidr_entries_are_honoured_as_requests_reads_them(echo, monkeypatch):
+    # Before: NO_PROXY's CIDR entries were ignored, and the token went to the proxy.
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, echo.url)
+    for name in ("ALL_PROXY", "all_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match="http:// URL"):
-        CutMeShortClient("https://api.example.test", TOKEN)
+    monkeypatch.setenv("no_proxy", "192.0.2.0/24")
+    # 192.0.2.0/24 is reserved for documentation: nothing answers there, so no answer, directly.
+    with CutMeShortClient("http://192.0.2.10", TOKEN, allow_insecure_http=True, timeout_seconds=0.5) as c:
+        assert c.track_lead(LEAD).http_status is None
+    assert echo.received == []
+    monkeypatch.setenv("no_proxy", "198.51.100.0/24")  # another network: through the proxy
+    with CutMeShortClient("http://192.0.2.10", TOKEN, allow_insecure_http=True, timeout_seconds=2.0) as c:
+        assert c.track_lead(LEAD).http_status == 200
+    assert [r["path"] for r in echo.received] == ["http://192.0.2.10/track/lead"]
 
 
 def test_https_checks_the_certificate(tmp_path):
@@ -426,6 +425,7 @@ def test_https_checks_the_certificate(tmp_path):
     assert response.http_status is None and response.error.startswith("SSLError")
     assert "certificate verify failed" in response.error
     assert accepted == [None]  # nothing was sent
+    assert response.sent is False  # and the audit need not call it unknown
 
 
 class RawServer:
@@ -513,11 +513,6 @@ def test_an_answer_cut_short_or_not_http_is_no_answer(raw):
         assert classify(response) == RETRY
     finally:
         server.close()
-
-
-def test_a_base_url_path_that_cannot_go_in_a_request_line_is_refused():
-    with pytest.raises(ValueError, match="plain ASCII"):
-        CutMeShortClient("http://127.0.0.1:8765/caf\u00e9", TOKEN)
 
 
 def test_redirects_are_not_followed(echo):
@@ -692,3 +687,203 @@ def test_retry_plan_waits_with_jitter_honours_retry_after_and_stops_on_the_injec
     assert RetryPlan(policy).after("ok") is None  # a final answer
     spent = RetryPlan(policy)
     assert [spent.after("busy") is not None for _ in range(4)] == [True, True, True, False]  # max_attempts
+
+
+# --- a slow, huge or echoing API ---------------------------------------------------------
+
+class TrickleServer:
+    """Answers each request one byte at a time, `every` seconds apart (a server that never stalls
+    long enough for a per-read timeout); or, with `huge`, a body of that many bytes as fast as it can."""
+
+    def __init__(self, every: float = 0.05, huge: int | None = None) -> None:
+        self.every, self.huge = every, huge
+        self.sent = 0
+        self.stopped = threading.Event()  # the client hung up: sending failed
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._server.accept()
+        except OSError:
+            return
+        with conn:
+            read_request(conn)
+            try:
+                if self.huge is not None:
+                    conn.sendall(b"HTTP/1.1 422 Unprocessable\r\nContent-Length: %d\r\n\r\n" % self.huge)
+                    block = b"x" * 65536
+                    while self.sent < self.huge:
+                        conn.sendall(block)
+                        self.sent += len(block)
+                else:
+                    answer = b'HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{"success": true}'
+                    for byte in answer:
+                        conn.sendall(bytes([byte]))
+                        self.sent += 1
+                        time.sleep(self.every)
+            except OSError:
+                pass
+            self.stopped.set()
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def test_a_trickling_answer_ends_at_the_total_deadline():
+    # Before: timeout_seconds bounded each socket read, and a byte every 50 ms held the request for ever.
+    server = TrickleServer(every=0.05)
+    try:
+        with CutMeShortClient(server.url, TOKEN, timeout_seconds=1.0) as c:
+            started = time.monotonic()
+            response = c.track_lead(LEAD)
+            elapsed = time.monotonic() - started
+        assert response.http_status is None and response.error.startswith("ReadTimeout")
+        assert "timeout_seconds" in response.error and response.sent is True
+        assert 0.9 <= elapsed < 2.0
+        assert server.stopped.wait(5)  # the connection was dropped: the server could not go on
+        assert server.sent < 60  # of 56 + 17 bytes
+    finally:
+        server.close()
+
+
+def test_a_huge_answer_is_not_read_whole():
+    # Before: a 422 with a 400 MiB body was read whole into memory.
+    server = TrickleServer(huge=400 * 2**20)
+    try:
+        with CutMeShortClient(server.url, TOKEN, timeout_seconds=5.0) as c:
+            response = c.track_lead(LEAD)
+        assert response.http_status is None and response.body is None
+        assert response.error.startswith("AnswerTooLong")
+        assert server.stopped.wait(5)
+        assert server.sent < 64 * 2**20  # what socket buffers held, not the answer
+    finally:
+        server.close()
+
+
+def read_request(conn) -> bytes:
+    """One whole request (head and Content-Length body): closing with any of it unread would reset
+    the connection, and the client could lose the answer."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return request
+        request += chunk
+    head, _, body = request.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)Content-Length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return request
+
+
+def tls_server(tmp_path, answer=b'HTTP/1.1 200 OK\r\nContent-Length: 17\r\n\r\n{"success": true}'):
+    """A loopback HTTPS server with a certificate of its own CA (127.0.0.1 in its names); returns
+    (url, CA file, stop)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    read_request(tls)
+                    tls.sendall(answer)
+            except (ssl.SSLError, OSError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"https://127.0.0.1:{server.getsockname()[1]}", str(cert), server.close
+
+
+def test_a_private_ca_from_requests_ca_bundle_or_verify_is_trusted(tmp_path, monkeypatch):
+    # Before: only certifi's bundle was trusted, so behind a TLS-inspecting proxy nothing was delivered.
+    url, ca, stop = tls_server(tmp_path)
+    try:
+        for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            monkeypatch.delenv(name, raising=False)
+        with CutMeShortClient(url, TOKEN, timeout_seconds=2.0) as c:
+            refused = c.track_lead(LEAD)
+        assert refused.error.startswith("SSLError") and refused.sent is False
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca)
+        with CutMeShortClient(url, TOKEN, timeout_seconds=2.0) as c:
+            assert c.track_lead(LEAD).http_status == 200
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        with CutMeShortClient(url, TOKEN, timeout_seconds=2.0, verify=ca) as c:
+            assert c.track_lead(LEAD).http_status == 200
+    finally:
+        stop()
+
+
+def test_verify_false_only_for_loopback_unless_insecure_is_allowed():
+    with pytest.raises(InsecureEndpointError, match="verify"):
+        CutMeShortClient("https://api.cme.sh", TOKEN, verify=False)
+    CutMeShortClient("https://api.cme.sh", TOKEN, verify=False, allow_insecure_http=True).close()
+    CutMeShortClient("https://127.0.0.1:8443", TOKEN, verify=False).close()
+
+
+def test_a_refused_connection_was_not_sent_a_reset_one_may_have_been(sandbox):
+    with CutMeShortClient(f"http://127.0.0.1:{closed_port()}", TOKEN, timeout_seconds=0.5) as c:
+        refused = c.track_lead(LEAD)
+    assert refused.http_status is None and refused.sent is False
+    sandbox.set_faults({"reset_rate": 1.0})
+    with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2.0) as c:
+        reset = c.track_lead(LEAD)
+    assert reset.http_status is None and reset.sent is True
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:0", "https://api.cme.sh:65536/"])
+def test_a_port_out_of_range_is_refused_as_such(url):
+    # Before: port 99999 was refused with a message about user info.
+    with pytest.raises(InsecureEndpointError, match="1 to 65,535"):
+        check_base_url(url)
+
+
+SLASHED_TOKEN = "tok/en+Ab9/x=="  # base64 has slashes: escaped as '\/' by PHP and some Java encoders
+
+
+def test_an_api_that_echoes_the_token_in_any_spelling_never_puts_it_in_the_answer():
+    from cutmeshort_sandbox import SandboxServer
+    from urllib.parse import quote
+
+    with SandboxServer(token=SLASHED_TOKEN, rate_limit_per_minute=None, faults={"echo": True}) as server:
+        server.set_faults({"fail_next": [422, 500]})
+        with CutMeShortClient(server.url, SLASHED_TOKEN) as c:
+            answers = [c.track_lead(LEAD) for _ in range(3)]
+    assert [a.http_status for a in answers] == [422, 500, 200]
+    for response in answers:
+        raw = response.body
+        assert "echo" in raw  # the echo is there, masked
+        for spelling in (SLASHED_TOKEN, SLASHED_TOKEN.replace("/", "\\/"), quote(SLASHED_TOKEN, safe=""),
+                         quote(SLASHED_TOKEN, safe="").lower()):
+            assert spelling not in raw and spelling not in describe(response)
+        assert SLASHED_TOKEN not in json.dumps(json.loads(raw))  # decoded, too
+        assert "[token]" in raw
+
+
+@pytest.mark.parametrize("email, name", [
+    ("zoe.q@example.com", "Zo\u00eb Quint"),
+    ("j\u00fcrgen.m\u00fcller@b\u00fccher.de", "J\u00fcrgen M\u00fcller"),  # an international address
+])
+def test_customer_values_the_api_quotes_back_are_masked_in_any_case(sandbox, email, name):
+    sandbox.set_faults({"echo": True, "fail_next": [422]})
+    body = {**LEAD, "customerEmail": email, "customerName": name}
+    with CutMeShortClient(sandbox.url, TOKEN) as c:
+        response = c.track_lead(body)
+    assert response.http_status == 422
+    local, _, domain = email.rpartition("@")
+    for shown in (response.body, describe(response), json.dumps(json.loads(response.body), ensure_ascii=False)):
+        lowered = shown.lower()
+        for value in (email, name, local, name.split()[0], f"{local}@{domain.encode('idna').decode()}"):
+            assert value.lower() not in lowered, value
+    assert "[customerEmail]" in response.body and "[customerName]" in response.body

@@ -23,6 +23,10 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "rate_limit_per_minute": 60,
     "retry_after_header": True,
     "seed": None,
+    # Every answer quotes what it received, as a careless API does: the Authorization header,
+    # the token percent-encoded, the body's e-mail and name in other letter cases, the address's
+    # IDNA spelling; JSON written with every '/' escaped ('\\/'), as PHP's json_encode does.
+    "echo": False,
 }
 
 # Keys for which an explicit null is meaningful rather than "back to the default".
@@ -111,6 +115,7 @@ _CHECKS = {
     "rate_limit_per_minute": _optional_limit,
     "retry_after_header": _flag,
     "seed": _optional_seed,
+    "echo": _flag,
 }
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from .faults import FaultError
 from .state import Reply, SandboxState, error_body
@@ -143,6 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
             reply = state.complete(ticket)
         if ticket.delay_after:
             time.sleep(ticket.delay_after)
+        if state.faults()["echo"]:
+            reply = Reply(reply.status, {**(reply.body if isinstance(reply.body, dict) else {"answer": reply.body}),
+                                         "echo": _echo(self.headers.get("Authorization") or "", raw)}, reply.headers)
+            self._send(reply, escape_slashes=True)
+            return
         self._send(reply)
 
     def _set_faults(self, raw: bytes) -> None:
@@ -175,8 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self._send(Reply(status, error_body(status, message), {"Connection": "close"}))
 
-    def _send(self, reply: Reply) -> None:
-        payload = json.dumps(reply.body).encode("utf-8")
+    def _send(self, reply: Reply, escape_slashes: bool = False) -> None:
+        text = json.dumps(reply.body)
+        payload = (text.replace("/", "\\/") if escape_slashes else text).encode("utf-8")
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -192,6 +198,29 @@ class _Handler(BaseHTTPRequestHandler):
         # rfile holds a reference to the socket; it must go too for close() to take effect.
         self.rfile.close()
         self.connection.close()
+
+
+def _echo(authorization: str, raw: bytes) -> dict[str, str]:
+    """What the `echo` fault quotes back of a request (see faults.DEFAULT_FAULTS)."""
+    token = authorization.removeprefix("Bearer ")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    echoed = {"authorization": authorization, "message": f"token {token} is not valid for this workspace",
+              "token_url": f"https://api.cme.sh/keys?token={quote(token, safe='')}"}
+    email, name = body.get("customerEmail"), body.get("customerName")
+    if isinstance(email, str):
+        local, _, domain = email.rpartition("@")
+        try:
+            ascii_domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_domain = domain
+        echoed["email"] = f"{email.upper()} is already registered (as {local}@{ascii_domain})"
+    if isinstance(name, str):
+        echoed["name"] = f"Dear {name.lower()}, hello {name.split()[0] if name.split() else name}"
+    return echoed
 
 
 class SandboxServer:

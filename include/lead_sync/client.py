@@ -1,37 +1,43 @@
-"""HTTP client for the CutMeShort lead API: one request per event over kept-alive connections.
+"""HTTP client for the CutMeShort lead API: one request per event, on `requests`.
 
-Each sending thread keeps one connection of its own, opened by the standard library's
-`http.client` (proxy tunnel, TLS); every request is the same head plus its body, and httptools'
-C parser reads the answer. At thousands of requests a second the client's CPU, not the network,
-sets the pace: http.client's own request and answer handling costs 2.5 times the CPU, urllib3's
-and httpx's about 5 times (README, "Choices"). The client never retries and never follows a
-redirect: the delivery policy decides what happens after an answer or its absence."""
+Each sending thread has a `requests.Session` of its own (one kept-alive connection), as the
+environment configures it: proxies (`NO_PROXY` as requests reads it), the CA bundle
+(`REQUESTS_CA_BUNDLE`), plus the connection's own `verify` and `cert`. requests owns HTTP framing,
+TLS and proxies; this module owns the API's rules: a safe base URL, the bearer token (never basic
+auth, never a netrc entry), a total deadline per request, a bounded answer, Retry-After, and
+masking of the token and customer values in what an answer quotes. The client never retries and
+never follows a redirect: the delivery policy decides what happens after an answer or its absence.
+"""
 from __future__ import annotations
 
-import base64
-import http.client
+import heapq
 import ipaddress
+import itertools
 import json
 import math
-import select
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
-from urllib.parse import unquote, urlsplit
-from urllib.request import getproxies, proxy_bypass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
-import certifi
-import httptools
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import NewConnectionError
 from urllib3.util import parse_url
+
+from .scrub import Scrubber, customer_values
 
 LEAD_PATH = "/track/lead"
 # A connection left idle this long is not used again: servers drop idle keep-alive connections
 # (often after 60 s), and a request on one they are dropping at that moment gets no answer.
 IDLE_RECONNECT_SECONDS = 30.0
+# An answer is read up to this much; a longer one is no answer (and its connection is dropped).
+MAX_ANSWER_BYTES = 64 * 1024
 # Body fields whose values must not reach the audit even when an API answer quotes them.
 PII_FIELDS = ("customerEmail", "customerName")
 
@@ -47,6 +53,9 @@ class ApiResponse:
     latency_ms: int
     retry_after: float | None  # seconds, from the Retry-After header
     error: str | None  # network error, when there was no response
+    # False only when the request provably never left (connection refused, DNS, TLS handshake,
+    # proxy refused): the API cannot have the event.
+    sent: bool = True
 
 
 def _is_loopback(host: str) -> bool:
@@ -79,6 +88,12 @@ def check_base_url(base_url: str, allow_insecure_http: bool = False) -> str:
     if parts is None or parts.scheme not in ("http", "https") or not hostname:
         shown = "" if "@" in text else f" (got {text!r})"  # user info might be a secret
         raise InsecureEndpointError(f"API host must be a URL with scheme, like https://api.cme.sh{shown}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise InsecureEndpointError("API host's port must be a number from 1 to 65,535")
     # Credentials in the URL would be sent as basic auth, and a backslash or '@' lets
     # parsers disagree on the host (one sees loopback, the socket goes elsewhere).
     if "@" in parts.netloc or "\\" in text or _transport_host(text) != hostname:
@@ -126,177 +141,147 @@ def _clean_token(token: str | None) -> str:
     return token
 
 
-def _proxy_for(url: str) -> str | None:
-    """The proxy the environment names for this URL (HTTPS_PROXY, ALL_PROXY, NO_PROXY...), as
-    requests would use it; never for loopback: a proxy cannot reach our loopback, and on plain
-    http it would receive the token in clear text."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if _is_loopback(host) or proxy_bypass(host):
-        return None
-    proxies = getproxies()
-    return proxies.get(parts.scheme) or proxies.get("all")
 
 
-def _proxy_parts(proxy: str) -> tuple[str, int, dict[str, str]]:
-    """Host, port and the Proxy-Authorization header (from user info) of an http:// proxy URL."""
-    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"the proxy the environment names for the API must be an http:// URL (got scheme "
-                         f"{parts.scheme!r}); HTTPS goes through it in a CONNECT tunnel")
-    headers = {}
-    if parts.username is not None:
-        user = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(user.encode()).decode()
-    return parts.hostname, parts.port or 80, headers
+class _Deadline:
+    """One request's deadline: the connection it went out on is dropped when the deadline passes."""
+
+    __slots__ = ("at", "connection", "done", "fired")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.connection: HTTPConnection | None = None
+        self.done = False
+        self.fired = False
 
 
-def _request_head(base_url: str, headers: dict[str, str], absolute: bool, proxy_headers: dict[str, str]) -> bytes:
-    """The request line and headers of every request, up to its Content-Length. `absolute`: the
-    request goes to a plain-http proxy, which takes the whole URL and its own credentials."""
-    parts = urlsplit(base_url)
-    target = base_url + LEAD_PATH if absolute else (parts.path or "") + LEAD_PATH
-    if any(not "!" <= ch <= "~" for ch in target):
-        raise ValueError("the API host's path must be plain ASCII without spaces or control characters")
-    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
-    if parts.port is not None and parts.port != (443 if parts.scheme == "https" else 80):
-        host = f"{host}:{parts.port}"
-    lines = [f"POST {target} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
-    if absolute:
-        lines += [f"{k}: {v}" for k, v in proxy_headers.items()]
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+# The deadline of the request the calling thread is making (set by the client, read by the
+# connection classes below when urllib3 sends on them).
+_current = threading.local()
 
 
-class _Answer:
-    """One response as httptools' parser reads it (its callbacks)."""
+def _attach(connection: HTTPConnection) -> None:
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.connection = connection
 
-    __slots__ = ("parser", "status", "framed", "body", "retry_after", "complete", "keep_alive")
+
+class _WatchedHTTPConnection(HTTPConnection):
+    def request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib3's signature
+        _attach(self)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPSConnection(HTTPSConnection):
+    def request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib3's signature
+        _attach(self)
+        return super().request(*args, **kwargs)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter with connections the watchdog can drop (direct and through a proxy).
+    No retries (urllib3 would otherwise never resend, but say so explicitly): one request, one try."""
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.status: int | None = None  # set once the headers are read
-        self.framed = False  # a Content-Length or a Transfer-Encoding says where the body ends
-        self.body: list[bytes] = []
-        self.retry_after: str | None = None
-        self.complete = False
-        self.keep_alive = False
+        super().__init__(pool_connections=1, pool_maxsize=1, max_retries=0)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"retry-after":
-            self.retry_after = value.decode("latin-1")
-        elif name in (b"content-length", b"transfer-encoding"):
-            self.framed = True
+    def init_poolmanager(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _POOLS
 
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-
-    def on_body(self, data: bytes) -> None:
-        self.body.append(data)
-
-    def on_message_complete(self) -> None:
-        if self.status is not None and 100 <= self.status < 200:  # an interim answer: the real one follows
-            self.status, self.framed, self.retry_after = None, False, None
-            self.body = []
-            return
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()  # read now: llhttp forgets it after the message
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs):  # noqa: ANN003
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _POOLS
+        return manager
 
 
-class _Connection:
-    """One thread's kept-alive connection to the API (through the proxy when there is one).
+class _Watchdog:
+    """Drops the connection of every request still unanswered at its deadline, however slowly
+    the server sends: requests' own timeout bounds each socket read, not the whole answer."""
 
-    `http.client` opens it (TCP, the proxy's CONNECT tunnel, TLS with the hostname checked); the
-    requests go out as bytes and httptools (llhttp, the parser under uvicorn) reads the answers."""
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
-    def __init__(self, client: "CutMeShortClient") -> None:
-        self.opened = 0  # sockets opened
-        self.requests = 0
-        self.last_used: float | None = None
-        self.sock: socket.socket | None = None
-        self.head = client._head
-        self.timeout = client.timeout_seconds
-        self._opener = client._opener()
+    def arm(self, seconds: float) -> _Deadline:
+        deadline = _Deadline(time.monotonic() + seconds)
+        with self._cond:
+            first = not self._heap or deadline.at < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="cutmeshort-deadlines", daemon=True)
+                self._thread.start()
+            elif first:
+                self._cond.notify()
+        return deadline
 
-    def _socket(self) -> socket.socket:
-        if self.sock is not None and _dropped(self.sock):
-            self.close()  # the server closed it while it was idle: a request on it would get no answer
-        if self.sock is None:
-            try:
-                self._opener.connect()
-            except Exception as exc:  # noqa: BLE001 - every failure to connect is a "no answer"
-                self._opener.close()
-                raise _NoAnswer(_connect_error(exc), exc) from exc
-            self.sock, self._opener.sock = self._opener.sock, None  # ours now: http.client sends nothing on it
-            self.sock.settimeout(self.timeout)
-            self.opened += 1
-        return self.sock
-
-    def post(self, body: bytes) -> tuple[int, bytes, str | None]:
-        """(status, body, Retry-After); raises _NoAnswer when no answer came."""
-        sock = self._socket()
-        self.requests += 1
-        answer = _Answer()
-        keep = True
-        try:
-            sock.sendall(b"%sContent-Length: %d\r\n\r\n%s" % (self.head, len(body), body))
-            while not answer.complete:
-                data = sock.recv(65536)
-                if not data:
-                    if answer.status is not None and not answer.framed:  # a body that ends with the connection
-                        answer.complete, keep = True, False
-                        break
-                    raise ConnectionError("the server closed the connection before its answer was complete")
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                _, _, deadline = heapq.heappop(self._heap)
+                sock = getattr(deadline.connection, "sock", None)
+                if sock is None:  # not connected yet: look again shortly (connecting has its own timeout)
+                    deadline.at += 0.05
+                    heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
+                    continue
+                deadline.fired = True
                 try:
-                    answer.parser.feed_data(data)
-                except httptools.HttpParserError:
-                    if not answer.complete:
-                        raise
-                    keep = False  # bytes after the answer that are no answer: the connection is not reused
-        except Exception as exc:  # noqa: BLE001 - the request may or may not have reached the API
-            self.close()
-            raise _NoAnswer(_exchange_error(exc), exc) from exc
-        finally:
-            self.last_used = time.monotonic()
-        if not (keep and answer.keep_alive):
-            self.close()
-        return answer.status, b"".join(answer.body), answer.retry_after
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns; urllib3 discards the connection
+                except OSError:
+                    pass
 
     def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            sock.close()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
 
 
-def _dropped(sock) -> bool:
-    """An idle kept-alive socket with something to read has been closed by the server (or holds
-    bytes nobody asked for): not fit for another request."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
+class _TooLong(Exception):
+    """An answer longer than MAX_ANSWER_BYTES."""
 
 
-class _NoAnswer(Exception):
-    def __init__(self, kind: str, cause: BaseException) -> None:
-        super().__init__(kind)
-        self.kind, self.cause = kind, cause
+def _not_sent(exc: BaseException) -> bool:
+    """Whether a failed request provably never reached the API: no connection was made."""
+    if isinstance(exc, (requests.exceptions.ConnectTimeout, requests.exceptions.ProxyError,
+                        requests.exceptions.SSLError)):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError carries the cause
+        return isinstance(reason, NewConnectionError)
+    return False
 
 
-def _connect_error(exc: BaseException) -> str:
-    """A stable name for a connection that could not be opened (the audit quotes it)."""
-    if isinstance(exc, TimeoutError):
-        return "ConnectTimeout"
-    if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-        return "SSLError"
-    return "ConnectionError"
-
-
-def _exchange_error(exc: BaseException) -> str:
-    """A stable name for a request sent over an open connection that got no answer."""
-    if isinstance(exc, TimeoutError):
-        return "ReadTimeout"
-    if isinstance(exc, ssl.SSLError):
-        return "SSLError"
+def _error_name(exc: BaseException) -> str:
+    """A stable name for a request that got no answer (the audit quotes it)."""
+    for kind in (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout, requests.exceptions.ProxyError,
+                 requests.exceptions.SSLError):
+        if isinstance(exc, kind):
+            return kind.__name__
     return "ConnectionError"
 
 
@@ -304,109 +289,144 @@ class CutMeShortClient:
     """Sends lead events; never retries by itself (the delivery policy decides)."""
 
     def __init__(self, base_url: str, token: str, timeout_seconds: float = 10.0,
-                 allow_insecure_http: bool = False) -> None:
+                 allow_insecure_http: bool = False, verify: bool | str = True,
+                 cert: str | tuple[str, str] | None = None) -> None:
         token = _clean_token(token)
         self._token = token
         self.base_url = check_base_url(base_url, allow_insecure_http)
         self.timeout_seconds = timeout_seconds
-        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
-                         "Accept": "application/json"}
-        # One TLS context for every thread's connection: loading the CA bundle costs tens of milliseconds.
-        https = urlsplit(self.base_url).scheme == "https"
-        self._tls = ssl.create_default_context(cafile=certifi.where()) if https else None
-        self._proxy = _proxy_for(self.base_url)
-        parts = urlsplit(self.base_url)
-        api = (parts.hostname, parts.port or (443 if https else 80))
-        # Where each connection goes (the proxy when there is one) and the tunnel it asks the proxy
-        # for (HTTPS); a proxy the client cannot use is refused now, not at the first send.
-        self._address, self._tunnel, proxy_headers = api, None, {}
-        if self._proxy is not None:
-            proxy_host, proxy_port, proxy_headers = _proxy_parts(self._proxy)
-            self._address = (proxy_host, proxy_port)
-            if https:
-                self._tunnel = (*api, proxy_headers)
-        self._head = _request_head(self.base_url, self._headers, self._proxy is not None and not https, proxy_headers)
+        host = urlsplit(self.base_url).hostname or ""
+        if verify is False and not _is_loopback(host) and not allow_insecure_http:
+            raise InsecureEndpointError(
+                f"verify: false (no certificate check) is refused for {host}: only the sandbox on loopback may "
+                "skip it, or set allow_insecure_http for a sandbox on a private network")
+        self._url = self.base_url + LEAD_PATH
+        # What the environment says for this URL (proxies, NO_PROXY, REQUESTS_CA_BUNDLE), read once by
+        # requests' own rules rather than again on every request (it walks os.environ each time).
+        environment = requests.Session().merge_environment_settings(self._url, {}, False, None, None)
+        # Never a proxy for loopback: it cannot reach our loopback, and on plain http it would read the token.
+        self._proxies = {} if _is_loopback(host) else environment["proxies"]
+        # An explicit `verify` wins over the environment's CA bundle.
+        self._verify = environment["verify"] if verify is True else verify
+        self._cert = cert
+        self._scrub = Scrubber({"token": token})
+        self._watchdog = _Watchdog()
         self._local = threading.local()
-        self._connections: list[_Connection] = []  # every thread's, to close them all
-        self._connections_lock = threading.Lock()
+        self._sessions: list[requests.Session] = []  # every thread's, to close them all
+        self._sessions_lock = threading.Lock()
 
     def __repr__(self) -> str:  # never show the token
         return f"CutMeShortClient({self.base_url!r})"
 
-    def _opener(self) -> http.client.HTTPConnection:
-        """What opens a thread's connections: TCP, the CONNECT tunnel through a proxy, TLS. A
-        plain-http proxy gets the absolute URL in the request line instead (`_head`)."""
-        host, port = self._address
-        if self._tls is None:
-            return http.client.HTTPConnection(host, port, timeout=self.timeout_seconds)
-        opener = http.client.HTTPSConnection(host, port, timeout=self.timeout_seconds, context=self._tls)
-        if self._tunnel is not None:
-            tunnel_host, tunnel_port, headers = self._tunnel
-            opener.set_tunnel(tunnel_host, tunnel_port, headers=headers)
-        return opener
-
-    def _connection(self) -> _Connection:
-        """The calling thread's connection, created on its first request and kept for its later ones."""
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = _Connection(self)
-            with self._connections_lock:
-                self._connections.append(connection)
-            self._local.connection = connection
-        return connection
+    def _session(self) -> requests.Session:
+        """The calling thread's session, created on its first request and kept for its later ones."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # the environment was read when the client was made
+            session.proxies, session.verify = dict(self._proxies), self._verify
+            session.mount("http://", _Adapter())
+            session.mount("https://", _Adapter())
+            session.auth = _Bearer(self._token)
+            session.headers.update({"Content-Type": "application/json", "Accept": "application/json"})
+            if self._cert is not None:
+                session.cert = self._cert
+            with self._sessions_lock:
+                self._sessions.append(session)
+            self._local.session = session
+            self._local.last_used = None
+        return session
 
     def close_thread_connection(self) -> None:
-        """Close the calling thread's connection (a worker thread that is done sending)."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            self._local.connection = None
-            with self._connections_lock:
-                if connection in self._connections:
-                    self._connections.remove(connection)
-            connection.close()
+        """Close the calling thread's session (a worker thread that is done sending)."""
+        session = getattr(self._local, "session", None)
+        if session is not None:
+            self._local.session = None
+            with self._sessions_lock:
+                if session in self._sessions:
+                    self._sessions.remove(session)
+            session.close()
 
     def track_lead(self, payload: dict) -> ApiResponse:
         started = time.monotonic()
+        values = customer_values(payload, PII_FIELDS)
         try:
             body = json.dumps(payload, allow_nan=False).encode()
         except ValueError as exc:
-            return ApiResponse(None, None, _ms(started), None, self._scrub(f"InvalidJSONError: {_short(exc)}", payload))
-        connection = self._connection()
-        if connection.last_used is not None and started - connection.last_used > IDLE_RECONNECT_SECONDS:
-            connection.close()  # the next request opens a fresh connection
+            return ApiResponse(None, None, _ms(started), None, self._scrub(f"InvalidJSONError: {_short(exc)}", values),
+                               sent=False)
+        session = self._session()
+        last_used = self._local.last_used
+        if last_used is not None and started - last_used > IDLE_RECONNECT_SECONDS:
+            session.close()  # its pools are made again: the next request opens a fresh connection
+        deadline = _current.deadline = self._watchdog.arm(self.timeout_seconds)
         try:
-            status, data, retry_after = connection.post(body)
-        except _NoAnswer as exc:
+            with session.post(self._url, data=body, timeout=self.timeout_seconds, allow_redirects=False,
+                              stream=True) as answer:
+                status, retry_after = answer.status_code, answer.headers.get("Retry-After")
+                data = _read(answer)
+        except _TooLong:
             return ApiResponse(None, None, _ms(started), None,
-                               self._scrub(f"{exc.kind}: {_short(exc.cause)}", payload))
-        return ApiResponse(status, self._scrub(data.decode("utf-8", errors="replace"), payload), _ms(started),
-                           parse_retry_after(retry_after), None)
-
-    def _scrub(self, text: str, payload: dict) -> str:
-        """Answers and errors end up in the audit: never with the token, an email or a name in them."""
-        if not text:
-            return text
-        text = text.replace(self._token, "[token]")
-        for field in PII_FIELDS:
-            value = payload.get(field) if isinstance(payload, dict) else None
-            if isinstance(value, str) and len(value.strip()) >= 3:
-                for form in {value, value.strip(), json.dumps(value)[1:-1]}:
-                    if form:
-                        text = text.replace(form, f"[{field}]")
-        return text
+                               f"AnswerTooLong: the answer was longer than {MAX_ANSWER_BYTES // 1024} KiB; "
+                               "its connection was dropped")
+        except requests.RequestException as exc:
+            if deadline.fired:
+                error = (f"ReadTimeout: no whole answer within timeout_seconds ({self.timeout_seconds:g} s); "
+                         "its connection was dropped")
+                return ApiResponse(None, None, _ms(started), None, error)
+            return ApiResponse(None, None, _ms(started), None,
+                               self._scrub(f"{_error_name(exc)}: {_short(exc)}", values), sent=not _not_sent(exc))
+        finally:
+            deadline.done = True
+            _current.deadline = None
+            self._local.last_used = time.monotonic()
+        if deadline.fired:  # dropped just as the last byte came: not an answer to rely on
+            return ApiResponse(None, None, _ms(started), None,
+                               f"ReadTimeout: no whole answer within timeout_seconds ({self.timeout_seconds:g} s)")
+        text = data.decode("utf-8", errors="replace")
+        # A refused token's answer may quote it in some spelling no mask knows: none of it is kept.
+        kept = None if status in (401, 403) else self._scrub(text, values)
+        return ApiResponse(status, kept, _ms(started), parse_retry_after(retry_after), None)
 
     def close(self) -> None:
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-            self._local = threading.local()  # a thread sending after this gets a new connection
-        for connection in connections:
-            connection.close()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+            self._local = threading.local()  # a thread sending after this gets a new session
+        for session in sessions:
+            session.close()
+        self._watchdog.close()
 
     def __enter__(self) -> "CutMeShortClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Bearer(requests.auth.AuthBase):
+    """`Authorization: Bearer <token>` on every request (requests' own auth is basic)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = f"Bearer {token}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "_Bearer([token])"
+
+
+def _read(answer: requests.Response) -> bytes:
+    """The answer's body, at most MAX_ANSWER_BYTES (decoded); past that, _TooLong."""
+    chunks, size = [], 0
+    for chunk in answer.iter_content(16384):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            answer.raw.close()  # the rest is never read: the connection goes, not back to the pool
+            raise _TooLong
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _ms(started: float) -> int:

@@ -249,12 +249,13 @@ def _send_open_events(engine: Engine, client: CutMeShortClient, limiter: SharedR
 
 
 def send(stores: Engine | Stores, api: ApiTarget, run_id: str, time_budget_seconds: float,
-         batch: Batch | None = None, host: str | None = None) -> SendReport:
-    """The send stage wired up: the deployment's shared rate limit, a client, the retry policy."""
+         batch: Batch | None = None, host: str | None = None, client: CutMeShortClient | None = None) -> SendReport:
+    """The send stage wired up: the deployment's shared rate limit, the client (the hook's, else
+    one made from `api`, which this closes), the retry policy."""
     settings = api.settings
     stores = as_stores(stores)
     limiter = SharedRateLimiter(stores.state, bucket_name(api.base_url, api.token), settings.rate_limit_per_minute)
-    with CutMeShortClient(api.base_url, api.token, settings.timeout_seconds, settings.allow_insecure_http) as client:
+    with client or api.client() as client:
         return send_open_events(stores, client, limiter, settings.retry_policy, run_id, time_budget_seconds,
                                 api.connection_name, batch, host, max_in_flight=settings.max_in_flight)
 

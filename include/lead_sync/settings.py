@@ -1,11 +1,13 @@
 """Delivery settings read from the `cutmeshort_default` connection's extra."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .client import CutMeShortClient
 from .retry import RetryPolicy
 
 
@@ -26,6 +28,33 @@ class ApiSettings(BaseModel):
     # Requests a send task has on the wire at once. Unset: sized from the rate limit and the latency
     # measured so far (at most 32), starting with one request.
     max_in_flight: int | None = Field(default=None, ge=1, le=256)
+    # TLS, as requests takes it: a CA bundle file (a private CA, a TLS-inspecting proxy), or false
+    # for the sandbox only; unset, the environment's REQUESTS_CA_BUNDLE or certifi's bundle.
+    verify: bool | str = True
+    # A client certificate: one file holding the certificate and its key, or [certificate, key].
+    cert: str | tuple[str, str] | None = None
+
+    @field_validator("verify")
+    @classmethod
+    def _ca_bundle_exists(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not os.path.exists(value):
+            raise ValueError(f"no CA bundle (file or folder) at {value!r}")
+        return value
+
+    @field_validator("cert")
+    @classmethod
+    def _cert_with_key(cls, value: str | tuple[str, str] | None) -> str | tuple[str, str] | None:
+        if value is None:
+            return value
+        for path in (value,) if isinstance(value, str) else value:
+            if not os.path.isfile(path):
+                raise ValueError(f"no file at {path!r}")
+        if isinstance(value, str):
+            with open(value, "rb") as pem:
+                if b"PRIVATE KEY-----" not in pem.read():
+                    raise ValueError(f"{value!r} holds no private key: give [certificate, key] or one file "
+                                     "with both")
+        return value
 
     @field_validator("max_in_flight", mode="before")
     @classmethod
@@ -56,3 +85,11 @@ class ApiTarget:
     token: str = field(repr=False)
     settings: ApiSettings = field(default_factory=ApiSettings)
     connection_name: str = "cutmeshort_default"  # named in errors, e.g. when the token is refused
+
+    def client(self) -> CutMeShortClient:
+        s = self.settings
+        try:
+            return CutMeShortClient(self.base_url, self.token, s.timeout_seconds, s.allow_insecure_http,
+                                    verify=s.verify, cert=s.cert)
+        except ValueError as exc:
+            raise type(exc)(f"connection {self.connection_name!r}: {exc}") from None

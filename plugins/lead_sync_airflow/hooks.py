@@ -8,7 +8,6 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from sqlalchemy.engine import Engine
 
 from lead_sync.client import CutMeShortClient
-from lead_sync.ratelimit import bucket_name
 from lead_sync.settings import ApiSettings, ApiTarget, parse_api_settings
 from lead_sync.sources import prepare_engine
 from lead_sync.stores import Stores, open_stores
@@ -25,7 +24,8 @@ def _sql_engine(conn, conn_id: str) -> Engine:
     hook = conn.get_hook()
     if not hasattr(hook, "get_sqlalchemy_engine"):
         raise ValueError(f"connection {conn_id!r} is not a SQL connection with a SQLAlchemy engine")
-    return hook.get_sqlalchemy_engine()
+    # SQL errors never print their bound parameters: outbox bodies hold names and e-mails.
+    return hook.get_sqlalchemy_engine(engine_kwargs={"hide_parameters": True})
 
 
 def stores(warehouse_conn_id: str = "warehouse_default", state_conn_id: str = STATE_CONN_ID) -> Stores:
@@ -77,12 +77,11 @@ class CutMeShortHook(BaseHook):
         return token
 
     def get_conn(self) -> CutMeShortClient:
-        settings = self.settings
-        return CutMeShortClient(self.base_url, self._token(), settings.timeout_seconds, settings.allow_insecure_http)
+        """The API client configured from the connection (as the HTTP provider's hook makes its
+        session): base URL, bearer token, timeouts, `verify`, `cert`; proxies and the CA bundle
+        from the environment, as requests reads them."""
+        return self.target().client()
 
     def target(self) -> ApiTarget:
-        """What the core's send stage needs (`lead_sync.pipeline.send`)."""
+        """What the core's send stage needs besides the client (`lead_sync.pipeline.send`)."""
         return ApiTarget(self.base_url, self._token(), self.settings, self.cutmeshort_conn_id)
-
-    def rate_bucket(self) -> str:
-        return bucket_name(self.base_url, self._token())
