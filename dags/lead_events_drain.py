@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from lead_sync.config import load_config
+from lead_sync.config import MAX_TIME_BUDGET_SECONDS, load_config
 from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import (
     CheckOutcomeOperator,
@@ -33,7 +33,7 @@ config = load_config()
     catchup=False,
     max_active_runs=1,
     params={
-        "time_budget_seconds": Param(1200, type="integer", minimum=1,
+        "time_budget_seconds": Param(1200, type="integer", minimum=1, maximum=MAX_TIME_BUDGET_SECONDS,
                                      description="Sending stops after this long; the next run goes on."),
     },
     default_args={"retries": 0},

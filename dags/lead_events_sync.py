@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from lead_sync.config import load_config
+from lead_sync.config import MAX_TIME_BUDGET_SECONDS, load_config
 from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import (
     CheckOutcomeOperator,
@@ -40,7 +40,7 @@ SEND_RETRIES = dict(retries=2, retry_delay=timedelta(seconds=30))
     params={
         "partition_date": Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
                                 description="Day to sync (YYYY-MM-DD); empty = the run's data interval."),
-        "time_budget_seconds": Param(3300, type="integer", minimum=1,
+        "time_budget_seconds": Param(3300, type="integer", minimum=1, maximum=MAX_TIME_BUDGET_SECONDS,
                                      description="Sending stops after this long; lead_events_drain sends the rest."),
         "dry_run": Param(False, type="boolean",
                          description="Read and map as a real run; send nothing, change no event; "

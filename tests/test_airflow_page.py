@@ -1,10 +1,11 @@
 """The "Lead deliveries" page inside Airflow's UI (contract section 10), end to end.
 
-A real `airflow api-server` (PostgreSQL metadata database, simple auth manager with one
-viewer) serves the plugin's page from a warehouse the core pipeline filled against the API
-sandbox. Anonymous requests get 401 and no data; a logged-in user gets the report and the
-customer lookup; a headless Chromium with the UI's `_token` cookie renders the page (chart and
-counts) and finds the "Lead deliveries" link in the UI's navigation.
+A real `airflow api-server` (PostgreSQL metadata database, simple auth manager with a viewer
+and a user with no role) serves the plugin's page from a warehouse the core pipeline filled
+against the API sandbox. Anonymous requests get 401 and no data; a logged-in user the auth
+manager does not let read the DAG lead_events_sync gets 403 and no data; the viewer gets the
+report and the customer lookup; a headless Chromium with the UI's `_token` cookie renders the
+page (chart and counts) and finds the "Lead deliveries" link in the UI's navigation.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from support import TOKEN, apt_install, signups
 
 PREFIX = "/lead-deliveries"
 USER = "auditor"
+# Logged in, but with no role: the simple auth manager grants such a user nothing, no DAG read either.
+OUTSIDER = "outsider"
 
 # A customer whose name, e-mail and click id must never reach a page; one the API rejects (422).
 ZELDA = 4242
@@ -43,6 +46,31 @@ SECRETS = ("Zelda", "Quuxley", "zelda.quux", "example.org", ZELDA_CLICK, TOKEN) 
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+def _login(base: str, home: Path, user: str) -> str:
+    """A JWT for `user`, with the password the simple auth manager generated."""
+    password_file = home / "simple_auth_manager_passwords.json.generated"
+
+    def password():
+        try:
+            return json.loads(password_file.read_text()).get(user)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None  # not written yet, or being written
+
+    secret = wait_for(password, 30, f"{user}'s generated password")
+    login = requests.post(f"{base}/auth/token", json={"username": user, "password": secret}, timeout=10)
+    assert login.status_code in (200, 201), login.text
+    return login.json()["access_token"]
+
+
+def _assert_refused(answer: requests.Response, where: str) -> None:
+    """403 with the plain notice page and nothing of the deliveries."""
+    assert answer.status_code == 403, (where, answer.status_code, answer.text[:300])
+    assert answer.headers["content-type"].startswith("text/html"), where
+    assert '<h2 id="notice">Not allowed</h2>' in answer.text and "lead_events_sync" in answer.text, where
+    for data in ("delivered", "rejected", str(ZELDA), str(REJECTED), "<table", "<svg", "<form", "Traceback"):
+        assert data not in answer.text, (where, data)
+    _no_secrets(answer.text, where)
 
 
 
@@ -184,6 +212,7 @@ def test_plugin_declares_a_protected_app_and_a_nav_link():
     assert (checked.name, checked.href, checked.destination) == ("Lead deliveries", f"{PREFIX}/", "nav")
     deps = app["app"].router.dependencies
     assert any(isinstance(d, DependsParam) and d.dependency is get_user for d in deps)
+    assert any(isinstance(d, DependsParam) and d.dependency is web.may_read_dag for d in deps)  # read on the DAG
     # Every route of the app is an API route (so the dependency applies): no open docs or schema.
     assert {type(r).__name__ for r in app["app"].routes} == {"APIRoute"}
 
@@ -201,7 +230,7 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
     env.update({
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_db,
         "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:viewer,{OUTSIDER}:",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -232,14 +261,17 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
         lookup = f"{base}{PREFIX}/customer"
         assert requests.get(page, timeout=10).status_code == 401  # the plugin is mounted (else the UI's 200)
 
-        # Log in as the viewer the simple auth manager created.
-        password_file = home / "simple_auth_manager_passwords.json.generated"
-        wait_for(lambda: password_file.exists() and USER in password_file.read_text(), 30, "the generated password")
-        password = json.loads(password_file.read_text())[USER]
-        login = requests.post(f"{base}/auth/token", json={"username": USER, "password": password}, timeout=10)
-        assert login.status_code in (200, 201), login.text
-        token = login.json()["access_token"]
+        # Log in as the viewer and as the user with no role, both created by the simple auth manager.
+        token = _login(base, home, USER)
         auth = {"Authorization": f"Bearer {token}"}
+        outsider = _login(base, home, OUTSIDER)
+        outsider_auth = {"Authorization": f"Bearer {outsider}"}
+        # Airflow's own API agrees: the viewer may read the DAG (404: it is not parsed here), the outsider not.
+        dag_url = f"{base}/api/v2/dags/lead_events_sync"
+        assert requests.get(dag_url, headers=auth, timeout=10).status_code == 404
+        assert requests.get(dag_url, headers=outsider_auth, timeout=10).status_code == 403
+        # Refused before the warehouse is read: 403, not the missing audit's 404.
+        _assert_refused(requests.get(page, headers=outsider_auth, timeout=30), "the page before any run")
 
         # Before any run: the warehouse has no audit, and the page says so (no traceback).
         missing = requests.get(page, headers=auth, timeout=30)
@@ -260,6 +292,13 @@ def test_report_page_in_the_airflow_ui(tmp_path, pg_warehouse, sandbox, metadata
         forged = requests.get(page, headers={"Authorization": "Bearer not.a.jwt"}, cookies={"_token": "x.y.z"},
                               timeout=10)
         assert forged.status_code in (401, 403) and "delivered" not in forged.text and str(ZELDA) not in forged.text
+        # Logged in without read access to lead_events_sync: 403 and nothing of the data, by header
+        # or by the UI's cookie, on every route (an empty lookup is not redirected either).
+        for url, params in ((page, None), (lookup, {"id": str(ZELDA)}), (lookup, {"id": str(REJECTED)}),
+                            (lookup, {"id": " "})):
+            for how in ({"headers": outsider_auth}, {"cookies": {"_token": outsider}}):
+                answer = requests.get(url, params=params, timeout=30, allow_redirects=False, **how)
+                _assert_refused(answer, f"{url} {params} {list(how)}")
         # Without the trailing slash the mount does not match: the UI's app shell answers, with no data.
         slashless = requests.get(f"{base}{PREFIX}", timeout=10)
         assert "delivered" not in slashless.text and str(REJECTED) not in slashless.text

@@ -82,3 +82,14 @@ def test_params(dag):
     assert partition.resolve("2026-11-27") == "2026-11-27"
     with pytest.raises(ParamValidationError):
         partition.resolve("27/11/2026")
+
+
+@pytest.mark.parametrize("dag_id, default", [("lead_events_sync", 3300), ("lead_events_drain", 1200)])
+def test_time_budget_param_has_a_limit(bag, dag_id, default):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    budget = bag.dags[dag_id].params.get_param("time_budget_seconds")
+    assert budget.resolve() == default and budget.resolve(86_400) == 86_400
+    for absurd in (86_401, 10**12, 0):
+        with pytest.raises(ParamValidationError):
+            budget.resolve(absurd)

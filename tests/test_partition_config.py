@@ -113,7 +113,40 @@ def test_partition_date_that_is_not_a_calendar_date(value):
 
 
 def test_leap_day_is_a_date():
-    assert parse_partition_date("2028-02-29") == date(2028, 2, 29)
+    assert parse_partition_date("2024-02-29") == date(2024, 2, 29)
+
+
+# --- partition_date: absurd days ---------------------------------------------------------
+
+NOW = datetime(2026, 11, 27, 23, 59, tzinfo=UTC)  # tomorrow (UTC) is 2026-11-28
+
+
+@pytest.fixture
+def fixed_now(monkeypatch):
+    from lead_sync import clock
+
+    monkeypatch.setattr(clock, "utcnow", lambda: NOW)
+
+
+@pytest.mark.parametrize("value", ["9999-12-31", "0001-01-01", "1999-12-31", "2026-11-29", "2100-01-01"])
+def test_partition_date_out_of_range_names_the_key_and_the_limits(fixed_now, value):
+    with pytest.raises(ValueError) as info:
+        resolve_partition(value, datetime(2026, 11, 27, tzinfo=UTC), UTC_ZONE)
+    message = str(info.value)
+    assert "partition_date" in message and repr(value) in message
+    assert "2000-01-01" in message and "2026-11-28" in message and "tomorrow" in message
+
+
+def test_partition_date_range_bounds_are_accepted(fixed_now):
+    assert parse_partition_date("2000-01-01") == date(2000, 1, 1)
+    assert parse_partition_date("2026-11-28") == date(2026, 11, 28)  # tomorrow: already today east of UTC
+    assert resolve_partition("2026-11-27", None, ZoneInfo("Pacific/Kiritimati")).day == date(2026, 11, 27)
+
+
+def test_far_future_partition_date_is_a_value_error_not_an_overflow():
+    # 9999-12-31 once parsed, and its partition's end overflowed ("date value out of range", retried).
+    with pytest.raises(ValueError, match=r"partition_date must be from 2000-01-01 to "):
+        resolve_partition("9999-12-31", None, UTC_ZONE)
 
 
 # --- Partition bounds ------------------------------------------------------------------
@@ -363,6 +396,51 @@ def test_invalid_time_zone_strings(tmp_path, zone):
 ])
 def test_invalid_values_name_the_field(tmp_path, body, expected):
     assert expected in config_error(tmp_path, body)
+
+
+@pytest.mark.parametrize("value", ["366", "365.5", ".inf", "-.inf", ".nan", "1e12", "1.0e+12", "1e309"])
+def test_absurd_verification_wait_days_names_the_key_and_the_limit(tmp_path, value):
+    message = config_error(tmp_path, f"verification_wait_days: {value}\n" + ONE_SOURCE)
+    assert "verification_wait_days" in message
+    assert "365" in message or "greater than or equal to 0" in message  # -.inf: below the lower limit
+
+
+def test_verification_wait_days_bounds_accepted(tmp_path):
+    for value in (0, 365):
+        config = load_config(write_config(tmp_path, f"verification_wait_days: {value}\n" + ONE_SOURCE))
+        assert config.verification_wait_days == value
+
+
+@pytest.mark.parametrize("key, value, limit", [
+    ("rejected_share", ".inf", "less than or equal to 1"), ("rejected_share", ".nan", "less than or equal to 1"),
+    ("rejected_share", "1e12", "less than or equal to 1"),
+    ("backlog_hours", ".inf", "less than or equal to 8784"), ("backlog_hours", ".nan", "less than or equal to 8784"),
+    ("backlog_hours", "1e12", "less than or equal to 8784"), ("backlog_hours", "-.inf", "greater than 0"),
+])
+def test_absurd_alert_thresholds_name_the_key_and_the_limit(tmp_path, key, value, limit):
+    message = config_error(tmp_path, f"alerts: {{{key}: {value}}}\n" + ONE_SOURCE)
+    assert f"alerts.{key}" in message and limit in message
+
+
+# --- time_budget_seconds ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [86_401, 86_400.5, 1e12, float("inf"), float("-inf"), float("nan"), 0, -1,
+                                   "1e12", "inf", "nan", "", "soon", None, True, 10**400, [3300]])
+def test_absurd_time_budget_names_the_key_and_the_limit(value):
+    from lead_sync.config import check_time_budget
+
+    with pytest.raises(ConfigError) as info:
+        check_time_budget(value)
+    message = str(info.value)
+    assert "time_budget_seconds" in message and "86400" in message and "above 0" in message
+
+
+@pytest.mark.parametrize("value, seconds", [(3300, 3300.0), ("1200", 1200.0), (" 60 ", 60.0), (0.5, 0.5),
+                                            (86_400, 86_400.0), ("86400", 86_400.0)])
+def test_time_budget_within_the_limit(value, seconds):
+    from lead_sync.config import check_time_budget
+
+    assert check_time_budget(value) == seconds
 
 
 @pytest.mark.parametrize("body, expected", [

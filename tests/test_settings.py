@@ -53,3 +53,9 @@ def test_verify_false_to_a_remote_host_is_refused_when_the_client_is_made():
         target.client()
     allowed = ApiTarget("https://api.cme.sh", TOKEN, ApiSettings(verify=False, allow_insecure_http=True), "cme")
     allowed.client().close()
+
+
+@pytest.mark.parametrize("key, value", [("backoff_base_seconds", float("inf")), ("backoff_max_seconds", 1e12),
+                                        ("rate_limit_per_minute", 10**12), ("timeout_seconds", float("inf"))])
+def test_absurd_numbers_are_refused_with_the_key_named(key, value):
+    assert "less than or equal" in refused({key: value}, key)

@@ -1,6 +1,7 @@
 """Lead-source configuration: which SQL files feed which kind of lead event."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 SOURCES_ENV = "LEAD_SYNC_SOURCES"
 MAX_LOOKBACK_DAYS = 90
+MAX_VERIFICATION_WAIT_DAYS = 365
+MAX_TIME_BUDGET_SECONDS = 86_400
 DEFAULT_SOURCES_FILE = Path(__file__).resolve().parent.parent / "sources" / "lead_sources.yaml"
 
 
@@ -67,7 +70,8 @@ class SyncConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     partition_timezone: str = "UTC"
-    verification_wait_days: float = Field(default=7, ge=0)
+    # How long an event 2 waits for its event 1; `le` also refuses .inf and .nan.
+    verification_wait_days: float = Field(default=7, ge=0, le=MAX_VERIFICATION_WAIT_DAYS)
     # Days before the run's partition that are read again for rows loaded late.
     lookback_days: int = Field(default=3, ge=0, le=MAX_LOOKBACK_DAYS, strict=True)
     # lead_events_drain sends what is open every so many minutes (section 8: within 5).
@@ -107,6 +111,20 @@ class SyncConfig(BaseModel):
             return path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"source {source.name!r}: cannot read SQL file {path}: {exc}") from exc
+
+
+def check_time_budget(value: object) -> float:
+    """A run's `time_budget_seconds` (a number or its text, as a template renders it) as seconds."""
+    seconds = math.nan
+    if not isinstance(value, bool):
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            pass
+    if not 0 < seconds <= MAX_TIME_BUDGET_SECONDS:  # also false for nan
+        raise ConfigError(f"time_budget_seconds must be a number of seconds above 0 and at most "
+                          f"{MAX_TIME_BUDGET_SECONDS} (24 hours), got {value!r}")
+    return seconds
 
 
 def describe_errors(exc: ValidationError) -> str:

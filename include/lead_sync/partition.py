@@ -6,8 +6,12 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
+from lead_sync import clock
+
 PAD_DAYS = 2
 _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+# The earliest day a run may name; the latest is tomorrow in UTC (a zone ahead of UTC is already there).
+FIRST_PARTITION_DATE = date(2000, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,23 @@ def contiguous(days: list[date]) -> list[tuple[date, date]]:
     return runs
 
 
+def last_partition_date() -> date:
+    """Tomorrow in UTC: no zone's today is later."""
+    return clock.utcnow().date() + timedelta(days=1)
+
+
 def parse_partition_date(value: str) -> date:
     if not isinstance(value, str) or not _DATE.match(value.strip()):
         raise ValueError(f"partition_date must be YYYY-MM-DD, got {value!r}")
     try:
-        return date.fromisoformat(value.strip())
+        day = date.fromisoformat(value.strip())
     except ValueError as exc:
         raise ValueError(f"partition_date is not a calendar date: {value!r}") from exc
+    last = last_partition_date()
+    if not FIRST_PARTITION_DATE <= day <= last:
+        raise ValueError(f"partition_date must be from {FIRST_PARTITION_DATE.isoformat()} to {last.isoformat()} "
+                         f"(tomorrow, UTC), got {value!r}")
+    return day
 
 
 def resolve_partition(

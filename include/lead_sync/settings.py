@@ -16,11 +16,11 @@ class ApiSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rate_limit_per_minute: int = Field(default=60, ge=1)
+    rate_limit_per_minute: int = Field(default=60, ge=1, le=1_000_000)
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_attempts: int = Field(default=5, ge=1, le=50)
-    backoff_base_seconds: float = Field(default=1.0, ge=0)
-    backoff_max_seconds: float = Field(default=60.0, ge=0)
+    backoff_base_seconds: float = Field(default=1.0, ge=0, le=3600)
+    backoff_max_seconds: float = Field(default=60.0, ge=0, le=3600)
     # Retried across runs for this long since the first attempt, then `failed` (final for automatic runs).
     give_up_after_hours: float = Field(default=72.0, gt=0, le=24 * 366)
     # Plain http to a non-loopback host, for a sandbox on a private network only.

@@ -1,7 +1,7 @@
 """Operators: read the run's context, call one stage of the core, hand back a small summary."""
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator
@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from lead_sync import claims, pipeline
 from lead_sync.audit import ensure_schema
 from lead_sync.clock import utcnow
-from lead_sync.config import ConfigError, load_config
+from lead_sync.config import ConfigError, check_time_budget, load_config
 from lead_sync.delivery import CredentialsRefused
 from lead_sync.mapping import SourceShapeError
 from lead_sync.partition import Partition, resolve_partition
@@ -22,6 +22,10 @@ from lead_sync_airflow.notify import raise_alerts
 
 # The audit's run id: the DAG run's id. Every DAG but the nightly sync prefixes it with its
 # DAG id, as two DAGs' scheduled runs can share an id.
+# A send task's execution_timeout: its time budget, one request's timeout, and this for writing
+# the last answers and the batch's audit.
+SEND_GRACE_SECONDS = 120
+
 RUN_LABEL = "{{ run_id if dag.dag_id == 'lead_events_sync' else dag.dag_id ~ '/' ~ run_id }}"
 
 
@@ -41,8 +45,20 @@ def dry_run_of(context: Any) -> bool:
 
 
 def partition_of(context: Any, zone) -> Partition:
-    """conf/param `partition_date` first, else the run's data interval start."""
-    return resolve_partition(_conf(context, "partition_date"), context.get("data_interval_start"), zone)
+    """conf/param `partition_date` first, else the run's data interval start. A bad date is the
+    user's to fix: the task fails at once, without retries."""
+    try:
+        return resolve_partition(_conf(context, "partition_date"), context.get("data_interval_start"), zone)
+    except ValueError as exc:
+        raise AirflowFailException(str(exc)) from None
+
+
+def _time_budget(value: Any) -> float:
+    """The run's time budget in seconds; an absurd one fails the task at once (no retry)."""
+    try:
+        return check_time_budget(value)
+    except ValueError as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 class ExtractLeadEventsOperator(BaseOperator):
@@ -94,6 +110,7 @@ class PlanSendBatchesOperator(BaseOperator):
         self.only_when_open = only_when_open
 
     def execute(self, context: Any) -> list[dict]:
+        budget = _time_budget(self.time_budget_seconds)
         if not self.only_when_open and dry_run_of(context):
             self.log.info("dry run: nothing is sent")
             return []
@@ -107,7 +124,7 @@ class PlanSendBatchesOperator(BaseOperator):
             if not claims.has_sendable(both.state):
                 raise AirflowSkipException("nothing is open: no event to send")
             pipeline.start_run(both.state, self.run_label, _today(), self.dag_id)
-        batches = pipeline.plan_send(both, self.run_label, float(self.time_budget_seconds),
+        batches = pipeline.plan_send(both, self.run_label, budget,
                                      config.send_batch_size, config.max_send_batches)
         return [{"batch": b.batch, "max_events": b.max_events} for b in batches]
 
@@ -130,14 +147,30 @@ class SendLeadEventsOperator(BaseOperator):
         self.batch = batch
         self.max_events = max_events
 
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        # Nothing holds a worker beyond the time budget plus one request (and the last answers'
+        # commit): the sender stops taking work at the budget, and a request ends at its deadline.
+        if self.execution_timeout is None:
+            try:
+                budget = check_time_budget(self.time_budget_seconds)
+                timeout = CutMeShortHook(self.cutmeshort_conn_id).settings.timeout_seconds
+            except (TypeError, ValueError):
+                return  # execute refuses it, with the reason
+            self.execution_timeout = timedelta(seconds=budget + timeout + SEND_GRACE_SECONDS)
+
     def execute(self, context: Any) -> dict:
-        api = CutMeShortHook(self.cutmeshort_conn_id).target()
+        hook = CutMeShortHook(self.cutmeshort_conn_id)
+        try:
+            api, client = hook.target(), hook.get_conn()
+        except ValueError as exc:  # the connection's settings: for the user to fix, not to retry
+            raise AirflowFailException(str(exc)) from None
         both = _stores(self.warehouse_conn_id)
         batch = None if self.batch is None else pipeline.Batch(int(self.batch), int(self.max_events or 0) or 10**9)
         ti = context.get("ti")
         try:
-            report = pipeline.send(both, api, self.run_label, float(self.time_budget_seconds), batch,
-                                   host=getattr(ti, "hostname", None))
+            report = pipeline.send(both, api, self.run_label, _time_budget(self.time_budget_seconds), batch,
+                                   host=getattr(ti, "hostname", None), client=client)
         except CredentialsRefused as exc:
             raise AirflowFailException(str(exc)) from None
         self.log.info("%ssent %d request(s): %d delivered, %d rejected, %d gave up, %d left for a later run%s",

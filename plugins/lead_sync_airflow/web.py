@@ -1,9 +1,11 @@
 """The delivery report inside Airflow's UI (contract section 10): a page served by the API server.
 
 `airflow api-server` mounts `app` under /lead-deliveries/ and the UI links it from its
-navigation. Every route needs a logged-in Airflow user: the app-wide dependency `get_user`
-accepts the UI's `_token` cookie or an `Authorization: Bearer <JWT>` header (from
-`POST /auth/token`) and answers 401 to anyone else, before a route reads the warehouse.
+navigation. Every route needs a logged-in Airflow user whom the auth manager lets read the DAG
+lead_events_sync (contract section 12), checked by app-wide dependencies before a route reads
+the warehouse: `get_user` accepts the UI's `_token` cookie or an `Authorization: Bearer <JWT>`
+header (from `POST /auth/token`) and answers 401 to anyone else; `may_read_dag` answers 403,
+with a plain notice page, to a user without that permission.
 
 What the pages show is `lead_sync.report`'s business (the same report as `make report`, no PII);
 this module only wires it to the `warehouse_default` connection.
@@ -16,7 +18,10 @@ import logging
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from airflow.api_fastapi.core_api.security import get_user
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+from airflow.api_fastapi.core_api.security import GetUserDep, get_user
+from airflow.models.dag import DagModel
 from airflow.plugins_manager import AirflowPlugin
 
 from lead_sync import report
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 URL_PREFIX = "/lead-deliveries"
 TITLE = "Lead deliveries"
 WAREHOUSE_CONN_ID = "warehouse_default"
+# Whoever may read this DAG may see its deliveries.
+DAG_ID = "lead_events_sync"
 
 # The pages need no script and nothing from elsewhere (styles and SVG charts are inline);
 # framing is allowed for the Airflow UI itself, which shows the page under /plugin/lead-deliveries.
@@ -39,10 +46,24 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
 }
 
+
+class NotAllowed(Exception):
+    """The logged-in user may not read the DAG DAG_ID."""
+
+
+def may_read_dag(user: GetUserDep) -> None:
+    """GET on the DAG DAG_ID, asked of the auth manager as the API's own DAG routes ask it
+    (`requires_access_dag`: the DAG's team, if any, from the metadata database)."""
+    details = DagDetails(id=DAG_ID, team_name=DagModel.get_team_name(DAG_ID))
+    if not get_auth_manager().is_authorized_dag(method="GET", details=details, user=user):
+        raise NotAllowed
+
+
 app = FastAPI(
     title=TITLE,
-    dependencies=[Depends(get_user)],  # applies to every route below: no user, no data
-    docs_url=None, redoc_url=None, openapi_url=None,  # Starlette routes that would skip the dependency
+    # Applies to every route below: no user, no data (401); no read access to the DAG, no data (403).
+    dependencies=[Depends(get_user), Depends(may_read_dag)],
+    docs_url=None, redoc_url=None, openapi_url=None,  # Starlette routes that would skip the dependencies
 )
 
 
@@ -60,6 +81,13 @@ def _notice(heading: str, line: str, status_code: int) -> HTMLResponse:
 <p>{html.escape(line)}</p>
 </body></html>
 """, status_code)
+
+
+@app.exception_handler(NotAllowed)
+def _not_allowed(request: Request, exc: NotAllowed) -> HTMLResponse:
+    return _notice("Not allowed",
+                   f"Your Airflow user may not read the DAG {DAG_ID}, so this page shows none of its deliveries; "
+                   "an Airflow administrator can grant that access.", 403)
 
 
 def _base_path(request: Request) -> str:
