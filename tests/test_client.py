@@ -732,8 +732,9 @@ class TrickleServer:
 
 
 def test_a_trickling_answer_ends_at_the_total_deadline():
-    # Before: timeout_seconds bounded each socket read, and a byte every 50 ms held the request for ever.
-    server = TrickleServer(every=0.05)
+    # Before: timeout_seconds bounded each socket read, and a byte every 200 ms held the request
+    # for the whole answer (73 bytes: 14.6 s).
+    server = TrickleServer(every=0.2)
     try:
         with CutMeShortClient(server.url, TOKEN, timeout_seconds=1.0) as c:
             started = time.monotonic()
@@ -741,9 +742,9 @@ def test_a_trickling_answer_ends_at_the_total_deadline():
             elapsed = time.monotonic() - started
         assert response.http_status is None and response.error.startswith("ReadTimeout")
         assert "timeout_seconds" in response.error and response.sent is True
-        assert 0.9 <= elapsed < 2.0
+        assert 0.9 <= elapsed < 5.0
         assert server.stopped.wait(5)  # the connection was dropped: the server could not go on
-        assert server.sent < 60  # of 56 + 17 bytes
+        assert server.sent < 40  # of 56 + 17 bytes
     finally:
         server.close()
 
