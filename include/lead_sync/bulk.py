@@ -6,7 +6,7 @@ go instead as one array per parameter, joined to the table with `unnest` (`UPDAT
 unnest(...) AS v(...)`): one statement, one round trip. Inserts go the same way (`INSERT ...
 SELECT FROM unnest(...)`): SQLAlchemy's own multi-row VALUES costs Python work per row and per
 value, the arrays are adapted by the driver in C. Elsewhere (SQLite, in process) the
-executemany is kept.
+executemany is kept, but for an update that must say which rows it changed: a statement per row.
 """
 from __future__ import annotations
 
@@ -43,11 +43,14 @@ def insert_each(conn: Connection, table: Table, rows: Sequence[Mapping]) -> None
 
 
 def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine], rows: Sequence[Mapping],
-                where: Callable[[Ref], Sequence[ColumnElement]], values: Callable[[Ref], dict]) -> None:
+                where: Callable[[Ref], Sequence[ColumnElement]], values: Callable[[Ref], dict], *,
+                matched: str | None = None) -> list | None:
     """`UPDATE table SET values(ref) WHERE where(ref)` for each of `rows` (dicts of the parameters
-    named in `types`), in one statement on PostgreSQL."""
+    named in `types`), in one statement on PostgreSQL. With `matched` (one of the parameters), returns
+    its value of each row that updated a row of the table (a compare-and-set): PostgreSQL says so
+    with RETURNING; elsewhere each row is a statement of its own, and its rowcount says."""
     if not rows:
-        return
+        return None if matched is None else []
     names = list(types)
     if conn.dialect.name == "postgresql":
         source = _unnested(types, rows)
@@ -55,12 +58,19 @@ def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine],
         def ref(name: str) -> ColumnElement:
             return source.c[name]
 
-        conn.execute(update(table).where(*where(ref)).values(**values(ref)))
-        return
+        statement = update(table).where(*where(ref)).values(**values(ref))
+        if matched is None:
+            conn.execute(statement)
+            return None
+        return conn.execute(statement.returning(source.c[matched])).scalars().all()
 
     def param(name: str) -> ColumnElement:
         # Not a column's own name: SQLAlchemy keeps those for the SET clause.
         return bindparam(f"b_{name}", type_=types[name])
 
-    conn.execute(update(table).where(*where(param)).values(**values(param)),
-                 [{f"b_{name}": row[name] for name in names} for row in rows])
+    statement = update(table).where(*where(param)).values(**values(param))
+    params = [{f"b_{name}": row[name] for name in names} for row in rows]
+    if matched is None:
+        conn.execute(statement, params)
+        return None
+    return [row[matched] for row, one in zip(rows, params) if conn.execute(statement, one).rowcount]

@@ -2,6 +2,9 @@
 
 The audit row of an event is its state (sending it is `claims`). Every write here is a
 short transaction, so a run that dies at any point leaves a state the next run can resume from.
+A sender may claim, send and settle an event between the read of its row and the write that
+follows: every write that depends on what was read is a compare-and-set (see _as_read), and an
+event changed meanwhile is left as the sender has it.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import functools
 import gc
 import io
 import json
+import logging
 import marshal
 import queue
 import tempfile
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Container, Iterable, Iterator, Sequence
 
-from sqlalchemy import String, Table, and_, any_, bindparam, delete, insert, select, text, update
+from sqlalchemy import String, Table, and_, any_, bindparam, delete, insert, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
 
@@ -39,6 +43,8 @@ from .events import (
     LeadEvent,
 )
 from .mapping import first_per_key, payload_digest, payload_json, redact
+
+log = logging.getLogger(__name__)
 
 CHUNK = 500  # keys per IN (...) list
 PG_CHUNK = 50_000  # keys per PostgreSQL array (one bound value)
@@ -207,8 +213,8 @@ def recorded_sources(engine: Engine, day: date) -> Iterator[tuple[str, str]]:
 
 # What recording an event needs of its row on record: what decides, and what it would write.
 _LOADED = ("event_key", "source", "partition_date", "customer_external_id", "event_name", "tracking", "status",
-           "reason", "notes", "payload_sha256", "event_time", "created_at", "inflight_until", "retry_since",
-           "next_attempt_at")
+           "attempts", "reason", "notes", "payload_sha256", "event_time", "created_at", "inflight_until",
+           "retry_since", "next_attempt_at")
 
 
 def _load(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
@@ -313,21 +319,48 @@ def _drop_outbox(conn: Connection, keys: Sequence[str]) -> None:
         conn.execute(delete(outbox).where(_among(conn, outbox.c.event_key, chunk)))
 
 
-def _update_rows(conn: Connection, rows: list[dict]) -> None:
-    """Update audit rows by key (`b_key`), all with the same columns: one statement on PostgreSQL
-    (bulk.update_each)."""
+def _as_read(p) -> list:
+    """Where an audit row is still as the run read it (`was_status`, `was_attempts`) and no sender
+    holds it. Every claim adds an attempt (only a claim given back unsent takes it off again), so
+    a row that passes was not claimed, sent or settled since it was read."""
+    d = deliveries.c
+    return [d.status == p("was_status"), d.attempts == p("was_attempts"), d.inflight_until.is_(None)]
+
+
+_AS_READ_TYPES = {"b_key": deliveries.c.event_key.type, "was_status": deliveries.c.status.type,
+                  "was_attempts": deliveries.c.attempts.type}
+
+
+def _update_rows(conn: Connection, rows: list[dict]) -> list[str]:
+    """Update audit rows by key (`b_key`), all with the same columns, where each is still as read
+    (`was_status`, `was_attempts`): one statement on PostgreSQL (bulk.update_each). Returns the keys
+    updated."""
     if not rows:
-        return
-    columns = [c for c in rows[0] if c != "b_key"]
-    update_each(conn, deliveries, {"b_key": deliveries.c.event_key.type, **{c: deliveries.c[c].type for c in columns}},
-                rows, lambda p: [deliveries.c.event_key == p("b_key")], lambda p: {c: p(c) for c in columns})
+        return []
+    columns = [c for c in rows[0] if c not in _AS_READ_TYPES]
+    return update_each(conn, deliveries, {**_AS_READ_TYPES, **{c: deliveries.c[c].type for c in columns}}, rows,
+                       lambda p: [deliveries.c.event_key == p("b_key"), *_as_read(p)],
+                       lambda p: {c: p(c) for c in columns}, matched="b_key")
 
 
-def _touch_rows(conn: Connection, keys: list[str], run_id: str, now: datetime) -> None:
-    """Mark rows as re-evaluated by this run, nothing else of them changed."""
-    for chunk in _key_chunks(conn, keys):
-        conn.execute(update(deliveries).where(_among(conn, deliveries.c.event_key, chunk))
-                     .values(updated_at=now, last_run_id=run_id))
+def _touch_rows(conn: Connection, rows: list[tuple[str, str, int]], run_id: str, now: datetime) -> list[str]:
+    """Mark rows (key, status and attempts as read) as re-evaluated by this run, nothing else of
+    them changed, where each is still as read. Returns the keys touched."""
+    return update_each(conn, deliveries, _AS_READ_TYPES,
+                       [{"b_key": key, "was_status": status, "was_attempts": attempts}
+                        for key, status, attempts in sorted(rows)],
+                       lambda p: [deliveries.c.event_key == p("b_key"), *_as_read(p)],
+                       lambda p: dict(updated_at=now, last_run_id=run_id), matched="b_key")
+
+
+# What a sender writes as the reason of an event it leaves open: a retry (delivery's outcomes),
+# and claims.recover_abandoned's unknown outcome.
+_RETRYING = "retrying:"
+_UNKNOWN_OUTCOME = "an earlier request's outcome is unknown (sender stopped); sent again"
+
+
+def _senders_reason(reason: str | None) -> bool:
+    return reason is not None and (reason.startswith(_RETRYING) or reason == _UNKNOWN_OUTCOME)
 
 
 @dataclass
@@ -358,37 +391,56 @@ _INSERTED = ("event_key", "source", "partition_date", "customer_external_id", "e
 
 @dataclass
 class _Writes:
-    """What recording a batch of events writes, in one transaction (see _apply)."""
+    """What recording a batch of events writes, in one transaction (see _apply). New events go
+    in with their bodies. Every other write depends on the row as read and is made only where it
+    is still so (_as_read); an event a sender changed meanwhile keeps its row and its body, and is
+    counted in `meanwhile` ("changed_meanwhile")."""
 
     run_id: str
     now: datetime
     inserts: list[tuple]  # of _INSERTED (see _apply's `copying`)
-    updates: list[dict]
-    touched: list[str]  # rows re-evaluated and unchanged: only updated_at and last_run_id
-    bodies: dict[str, str]  # the outbox's body of each of these keys
+    new_bodies: dict[str, str]  # the outbox's body of each new event to send
+    new_dropped: list[str]  # new events not to send: no body in the outbox
+    updates: list[dict]  # each with the row's status and attempts as read (was_status, was_attempts)
+    touched: list[tuple[str, str, int]]  # (key, status, attempts as read) of rows re-evaluated and unchanged
+    bodies: dict[str, str]  # the outbox's body of updated or touched rows
     replaced: list[str]  # those of them that have a body on record
-    dropped: list[str]  # keys without a body in the outbox
+    dropped: list[str]  # updated or touched rows without a body in the outbox
+    meanwhile: Counter
 
     def __call__(self, conn: Connection) -> None:
         self.inserts.sort()  # by key, as the key index has them
         _insert_rows(conn, deliveries, _INSERTED, self.inserts)
-        _update_rows(conn, self.updates)
-        _touch_rows(conn, self.touched, self.run_id, self.now)
-        _put_outbox(conn, self.bodies, self.replaced)
-        _drop_outbox(conn, self.dropped)
+        self.updates.sort(key=lambda row: row["b_key"])
+        written = set(_update_rows(conn, self.updates))
+        written.update(_touch_rows(conn, self.touched, self.run_id, self.now))
+        left = len(self.updates) + len(self.touched) - len(written)
+        if left:
+            self.meanwhile["changed_meanwhile"] += left
+        bodies, dropped = self.new_bodies, self.new_dropped
+        if self.bodies:
+            bodies = {**bodies, **{key: body for key, body in self.bodies.items() if key in written}}
+        if self.dropped:
+            dropped = dropped + [key for key in self.dropped if key in written]
+        _put_outbox(conn, bodies, [key for key in self.replaced if key in written])
+        _drop_outbox(conn, dropped)
 
 
 def _apply(events: list[LeadEvent], existing: dict[str, dict], run_id: str, now: datetime, counts: Counter,
            reopen: bool, preview: list[Preview] | None = None, keep_unchanged: bool = False,
-           copying: bool = False) -> _Writes | None:
+           copying: bool = False, meanwhile: Counter | None = None) -> _Writes | None:
     """Decide each event against its row on record (see _load): what to write, or with `preview`,
     only what it would do (then nothing is returned).
 
     A re-evaluated row that would not change is not rewritten: with `keep_unchanged` it is left
-    as it is, otherwise only its updated_at and last_run_id are set. With `copying` (COPY will
-    write them), new rows have their dates and numbers as text already.
+    as it is (unless its body in the outbox needs mending), otherwise only its updated_at and
+    last_run_id are set. An open event whose payload did not change keeps the reason a sender
+    gave it (retrying, outcome unknown); a run of its own partition still makes it due now. With `copying` (COPY will write them),
+    new rows have their dates and numbers as text already. `meanwhile` counts, as the writes are
+    made, the rows a sender changed since they were read.
     """
     inserts, updates, touched, bodies, replaced, dropped = [], [], [], {}, [], []
+    new_bodies, new_dropped = {}, []
     now_value, days = (now.isoformat(), {}) if copying else (now, None)
     for event in events:
         key = event.event_key
@@ -410,9 +462,9 @@ def _apply(events: list[LeadEvent], existing: dict[str, dict], run_id: str, now:
                             event.status, event.reason, "; ".join(event.notes) or None, audited, digest, moment,
                             attempts, now_value, now_value, run_id))
             if event.status == PENDING:
-                bodies[key] = body
+                new_bodies[key] = body
             else:
-                dropped.append(key)
+                new_dropped.append(key)
             continue
         status = row["status"]
         if status == DELIVERED:
@@ -447,6 +499,9 @@ def _apply(events: list[LeadEvent], existing: dict[str, dict], run_id: str, now:
             counts["reopened"] += 1
         elif event.status == PENDING and status == REJECTED:
             reason = "source row changed since the rejection: to be sent again"
+        if (event.status == PENDING and status == PENDING and row["payload_sha256"] == digest
+                and _senders_reason(row["reason"])):
+            reason = row["reason"]  # the same payload: the sender's word on it stands
         if reopen:
             next_attempt_at = None  # a run of its own partition sends it now
         counts["reevaluated"] += 1
@@ -464,9 +519,11 @@ def _apply(events: list[LeadEvent], existing: dict[str, dict], run_id: str, now:
                 and _same_moment(row["retry_since"], retry_since)
                 and _same_moment(row["next_attempt_at"], next_attempt_at)):
             # Nothing but updated_at and last_run_id would change (the payload: by its digest).
-            if not keep_unchanged:
-                touched.append(key)
-            # Its body (the payload did not change) is in the outbox exactly when it is pending.
+            # Its body (the payload did not change) is in the outbox exactly when it is pending:
+            # mending that is a write, made only where the row is still as read (a touch).
+            mend = (event.status == PENDING) != has_body
+            if mend or not keep_unchanged:
+                touched.append((key, status, row["attempts"]))
             if event.status == PENDING and not has_body:
                 bodies[key] = payload_json(event.payload)[0]
             elif event.status != PENDING and has_body:
@@ -489,6 +546,8 @@ def _apply(events: list[LeadEvent], existing: dict[str, dict], run_id: str, now:
             "next_attempt_at": next_attempt_at,
             "b_key": key,
             "status": event.status,
+            "was_status": status,
+            "was_attempts": row["attempts"],
         })
         if has_body:
             replaced.append(key)
@@ -498,7 +557,8 @@ def _apply(events: list[LeadEvent], existing: dict[str, dict], run_id: str, now:
             dropped.append(key)
     if preview is not None:
         return None
-    return _Writes(run_id, now, inserts, updates, touched, bodies, replaced, dropped)
+    return _Writes(run_id, now, inserts, new_bodies, new_dropped, updates, touched, bodies, replaced, dropped,
+                   Counter() if meanwhile is None else meanwhile)
 
 
 def _read_ahead(items: Iterable, read, threaded: bool) -> Iterator[tuple]:
@@ -735,6 +795,7 @@ def reconcile_batches(engine: Engine, batches: Iterable[list[LeadEvent]], day: d
         seen = _AnyOf(read.values())
     now = now or utcnow()
     counts: Counter = Counter()
+    meanwhile: Counter = Counter()  # written by the writer (its thread): read once it is flushed
     loaded: dict[str, dict] = {}  # a dry run's rows on record
     writer = _Writer(engine)
     copying = _copies(engine)
@@ -757,7 +818,8 @@ def reconcile_batches(engine: Engine, batches: Iterable[list[LeadEvent]], day: d
                     yield [e for e in events if e.tracking != DEFERRED_CONFIRM]
 
             for firsts, existing in _read_ahead(firsts_of(), rows_of, ahead):
-                writes = _apply(firsts, existing, run_id, now, counts, reopen, preview, keep_unchanged, copying)
+                writes = _apply(firsts, existing, run_id, now, counts, reopen, preview, keep_unchanged, copying,
+                                meanwhile)
                 if writes is not None:
                     writer.submit(writes)
                 else:
@@ -777,7 +839,8 @@ def reconcile_batches(engine: Engine, batches: Iterable[list[LeadEvent]], day: d
                         row = existing.get(event.event_key)
                         judge(event, by_customer.get(event.customer_external_id, []),
                               as_utc(row["created_at"]) if row else None)
-                writes = _apply(events, existing, run_id, now, counts, reopen, preview, keep_unchanged, copying)
+                writes = _apply(events, existing, run_id, now, counts, reopen, preview, keep_unchanged, copying,
+                                meanwhile)
                 if writes is not None:
                     writer.submit(writes)
             writer.flush()
@@ -785,7 +848,14 @@ def reconcile_batches(engine: Engine, batches: Iterable[list[LeadEvent]], day: d
         writer.close()
     if close_missing and preview is None:
         with engine.begin() as conn:
-            counts["closed_missing"] += _close_missing(conn, day, list(sources), seen, run_id, now, read, accounts)
+            closed, left = _close_missing(conn, day, list(sources), seen, run_id, now, read, accounts)
+        counts["closed_missing"] += closed
+        if left:
+            meanwhile["changed_meanwhile"] += left
+    if meanwhile:
+        log.info("partition %s: %d event(s) claimed, sent or settled by a sender after this run read them: "
+                 "left as the sender has them", day, meanwhile["changed_meanwhile"])
+        counts.update(meanwhile)
     return counts
 
 
@@ -817,12 +887,14 @@ def record_mapped(engine: Engine, mapped: MappedEvents, day: date, sources: Iter
 
 def _close_missing(conn: Connection, day: date, sources: list[str], seen: Container[str], run_id: str,
                    now: datetime, read: dict[str, Container[str]] | None = None,
-                   accounts: dict[str, Counter] | None = None) -> int:
-    """Close the partition's pending events whose key is not `seen`. With `accounts`, also count
-    per source the partition's events on record that this read yielded (`found`, by `read`) and
-    those it did not (`missing`): one pass over the partition for both."""
+                   accounts: dict[str, Counter] | None = None) -> tuple[int, int]:
+    """Close the partition's pending events whose key is not `seen`, each only where it is still
+    as read (pending, free, its attempts). With `accounts`, also count per source the partition's
+    events on record that this read yielded (`found`, by `read`) and those it did not (`missing`):
+    one pass over the partition for both. Returns the events closed, and those left because a
+    sender took or settled them meanwhile."""
     is_open = and_(deliveries.c.status == PENDING, deliveries.c.inflight_until.is_(None))
-    query = select(deliveries.c.event_key, deliveries.c.source, is_open).where(
+    query = select(deliveries.c.event_key, deliveries.c.source, is_open, deliveries.c.attempts).where(
         deliveries.c.partition_date == day,
         deliveries.c.source.in_(sources),
     ).execution_options(stream_results=True, yield_per=PG_CHUNK)
@@ -831,7 +903,7 @@ def _close_missing(conn: Connection, day: date, sources: list[str], seen: Contai
         found, missing = accounts.setdefault("found", Counter()), accounts.setdefault("missing", Counter())
     read = read or {}
     gone = []
-    for key, source, pending in _stream(conn, query):
+    for key, source, pending, attempts in _stream(conn, query):
         keys = read.get(source)
         if keys is not None:
             if key in keys:  # the common case: read, from this source
@@ -839,16 +911,18 @@ def _close_missing(conn: Connection, day: date, sources: list[str], seen: Contai
                 continue
             missing[source] += 1
         if pending and key not in seen:
-            gone.append(key)
+            gone.append({"b_key": key, "was_status": PENDING, "was_attempts": attempts})
+    closed: list[str] = []
+    gone.sort(key=lambda row: row["b_key"])
     for chunk in _key_chunks(conn, gone):
-        conn.execute(
-            update(deliveries)
-            .where(_among(conn, deliveries.c.event_key, chunk))
-            .values(status=SKIPPED, reason="its source row is no longer in the warehouse for this day",
-                    updated_at=now, last_run_id=run_id)
-        )
-    _drop_outbox(conn, gone)
-    return len(gone)
+        closed += update_each(
+            conn, deliveries, _AS_READ_TYPES, chunk,
+            lambda p: [deliveries.c.event_key == p("b_key"), *_as_read(p)],
+            lambda p: dict(status=SKIPPED, reason="its source row is no longer in the warehouse for this day",
+                           updated_at=now, last_run_id=run_id),
+            matched="b_key")
+    _drop_outbox(conn, closed)
+    return len(closed), len(gone) - len(closed)
 
 
 def record_reads(engine: Engine, reads: list[dict]) -> None:
