@@ -671,3 +671,17 @@ def test_a_long_send_logs_progress_every_30_seconds(warehouse, sandbox, caplog):
         # What a line says, on the injected clock: 6 settled after 20 s of it.
         clock.now += 20
         assert sender.progress() == "progress: 6 event(s) settled (6 requests), 0 left, 0.3 events/s, ETA 0s"
+
+
+def test_a_request_that_provably_never_left_is_a_retry_not_an_unknown_outcome():
+    # Before: a refused connection, a failed DNS lookup or TLS handshake was audited `unknown`,
+    # as if the API might have the event.
+    from lead_sync.client import ApiResponse
+    from lead_sync.delivery import decide
+    from lead_sync.retry import RETRY, UNKNOWN
+
+    policy = RetryPolicy(max_attempts=3)
+    never_left = ApiResponse(None, None, 3, None, "ConnectionError: connection refused", sent=False)
+    no_answer = ApiResponse(None, None, 3, None, "ReadTimeout: no whole answer within timeout_seconds")
+    assert decide(never_left, 1, policy).outcome == RETRY
+    assert decide(no_answer, 1, policy).outcome == UNKNOWN

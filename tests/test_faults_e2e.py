@@ -240,7 +240,17 @@ def test_kill_9_while_sending_then_rerun_loses_nothing(airflow_db, pg_warehouse,
 
 
 
-def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, sandbox):
+def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, sandbox, monkeypatch):
+    # The run is in this process (dag.test): the writer gives the warehouse 5 s instead of 90 before
+    # the send fails, and Airflow's retries come after 1 s instead of 30 (the outcome is the same).
+    from lead_sync import delivery
+
+    monkeypatch.setattr(delivery, "WRITE_RETRY_SECONDS", 5.0)
+
+    def quick_retries(dag) -> None:
+        for task in dag.tasks:
+            task.retry_delay = timedelta(seconds=1)
+
     total = seed_day(pg_warehouse, "2026-11-27", 15)
     sandbox.set_faults({"latency_ms": 300})
     name = pg_warehouse.url.database
@@ -254,7 +264,7 @@ def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, 
     plug = threading.Thread(target=pull_the_plug)
     plug.start()
     try:
-        state = run_dag(pg_warehouse, sandbox.url, timeout_seconds=1)
+        state = run_dag(pg_warehouse, sandbox.url, timeout_seconds=1, adjust=quick_retries)
     finally:
         plug.join(timeout=90)
         allow_connections(name, True)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Iterable, Sequence
 
-from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
 from .audit import attempts, deliveries, outbox
-from .bulk import Ref, insert_each, update_each
+from .bulk import Ref, _unnested, insert_each, update_each
 from .clock import as_utc, utcnow
 from .events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, EVENT_ONE, PENDING, REJECTED
 from .retry import UNKNOWN
@@ -265,16 +265,18 @@ class Settled:
 
 
 def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None:
-    """Many answers inside the caller's transaction: the attempt rows in one statement, the
-    events' new states in one statement per kind (closed, still open, held for a retry). An event that
+    """Many answers inside the caller's transaction: the events' new states in one statement per
+    kind (closed, still open, held for a retry), then the attempt rows in one statement. An event that
     another sender took meanwhile (its lease ran out and its attempt count moved on) keeps the
-    newer state; the attempt row is written all the same, since the request was made."""
+    newer state, and its body; the attempt row is written all the same, since the request was made.
+
+    An answer committed late (the warehouse refused it for a while) may find its attempt audited
+    `unknown` by another sender's recovery of the lease: the answer replaces that row. So does a
+    commit tried again after a lost acknowledgement, whose rows may be in already. The events' rows
+    are updated first: a recovery that holds one commits before the attempt rows are read here,
+    and one that comes later skips the rows locked here."""
     if not items:
         return
-    insert_each(conn, attempts, [
-        dict(event_key=i.event_key, attempt=i.attempt, run_id=run_id, sent_at=i.sent_at,
-             http_status=i.outcome.http_status, latency_ms=i.outcome.latency_ms, outcome=i.outcome.outcome,
-             error=i.outcome.error) for i in items])
     d = deliveries.c
     closed = [i for i in items if i.outcome.status is not None]
     held = [i for i in items if i.outcome.status is None and i.outcome.next_attempt_at is None and i.hold_seconds]
@@ -310,9 +312,25 @@ def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None
                 rows(held, until=lambda i: i.at + timedelta(seconds=i.hold_seconds)),
                 mine, lambda p: dict(**answer(p), inflight_until=p("until"),
                                      reason=func.coalesce(p("reason"), d.reason)))
+    a = attempts.c
+    pairs = sorted({(i.event_key, i.attempt) for i in items})
+    if conn.dialect.name == "postgresql":
+        v = _unnested({"key": a.event_key.type, "attempt": a.attempt.type},
+                      [{"key": key, "attempt": attempt} for key, attempt in pairs])
+        conn.execute(delete(attempts).where(a.event_key == v.c.key, a.attempt == v.c.attempt))
+    else:
+        conn.execute(delete(attempts).where(a.event_key == bindparam("b_key"), a.attempt == bindparam("b_attempt")),
+                     [{"b_key": key, "b_attempt": attempt} for key, attempt in pairs])
+    insert_each(conn, attempts, [
+        dict(event_key=i.event_key, attempt=i.attempt, run_id=run_id, sent_at=i.sent_at,
+             http_status=i.outcome.http_status, latency_ms=i.outcome.latency_ms, outcome=i.outcome.outcome,
+             error=i.outcome.error) for i in items])
+    # Only the bodies of events closed now or before: one another sender has taken again stays sendable.
     done = sorted({i.event_key for i in closed if i.outcome.status in (DELIVERED, REJECTED)})
     for start in range(0, len(done), CHUNK):
-        conn.execute(delete(outbox).where(outbox.c.event_key.in_(done[start:start + CHUNK])))
+        conn.execute(delete(outbox).where(
+            outbox.c.event_key.in_(done[start:start + CHUNK]),
+            exists().where(d.event_key == outbox.c.event_key, d.status.in_((DELIVERED, REJECTED)))))
     # A failed event keeps its body: a rerun of its partition may re-open and send it.
 
 
