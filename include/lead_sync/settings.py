@@ -16,7 +16,7 @@ class ApiSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rate_limit_per_minute: int = Field(default=60, ge=1, le=1_000_000)
+    rate_limit_per_minute: int = Field(default=60, ge=1, le=10_000_000)
     timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     max_attempts: int = Field(default=5, ge=1, le=50)
     backoff_base_seconds: float = Field(default=1.0, ge=0, le=3600)
