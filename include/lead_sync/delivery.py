@@ -157,8 +157,10 @@ POLL_SECONDS = 0.05
 GRANT_GATHER_SECONDS = 0.01
 # Waiting for the leases an earlier sender left, a sender looks again this often whether they are still there.
 LEASE_LOOK_SECONDS = 2.0
-# Workers that open their connection at the same time, at most.
-CONNECTING_AT_ONCE = 4
+# Workers started that have not had their first answer yet (each opens its connection with its
+# first request), at most: a burst of new connections can overflow a server's accept queue, and at
+# a long round trip a smaller number would hold back how fast the requests in flight grow.
+CONNECTING_AT_ONCE = 32
 # A queued request is not sent when its lease would end less than this (plus a request's timeout) later.
 LEASE_SPARE_SECONDS = 5.0
 
