@@ -102,12 +102,16 @@ def test_max_in_flight_from_the_connection_reaches_the_send_stage(warehouse, san
 def test_default_in_flight_grows_from_one_with_the_limit_and_the_latency(warehouse, sandbox):
     many_signups(warehouse, 60)
     sandbox.set_faults({"latency_ms": 100})
-    # No max_in_flight: no limit at all allows 32; the first request goes alone, then it grows.
+    # No max_in_flight: no limit at all allows DEFAULT_MAX_IN_FLIGHT; the first request goes alone,
+    # then each round trip at most doubles what is in flight.
+    from lead_sync.delivery import DEFAULT_MAX_IN_FLIGHT
+
     with sending(warehouse, sandbox, per_minute=None) as sender:
         assert sender.run().delivered == 60
     moments = arrivals(sandbox)
     assert moments[1] - moments[0] >= 0.1 - 0.002
-    assert 8 < most_at_once(moments, 0.1) <= 32 and 8 < sender.peak_in_flight <= 32
+    assert 8 < most_at_once(moments, 0.1) <= DEFAULT_MAX_IN_FLIGHT and 8 < sender.peak_in_flight
+    assert sender.peak_in_flight <= min(DEFAULT_MAX_IN_FLIGHT, 60)
 
 
 @pytest.mark.parametrize("value", [0, -1, 257, 2.5, "many", True])
