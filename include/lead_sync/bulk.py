@@ -22,7 +22,7 @@ from sqlalchemy.types import TypeEngine
 Ref = Callable[[str], ColumnElement]
 
 
-def _unnested(types: Mapping[str, TypeEngine], rows: Sequence[Mapping]):
+def unnested(types: Mapping[str, TypeEngine], rows: Sequence[Mapping]):
     """The rows as one table-valued `unnest` of an array per parameter (PostgreSQL)."""
     arrays = [cast(bindparam(f"{name}_array", [row[name] for row in rows], type_=ARRAY(kind)), ARRAY(kind))
               for name, kind in types.items()]
@@ -38,7 +38,7 @@ def insert_each(conn: Connection, table: Table, rows: Sequence[Mapping]) -> None
         conn.execute(insert(table), list(rows))
         return
     names = list(rows[0])
-    source = _unnested({name: table.c[name].type for name in names}, rows)
+    source = unnested({name: table.c[name].type for name in names}, rows)
     conn.execute(insert(table).from_select(names, select(*(source.c[name] for name in names))))
 
 
@@ -53,7 +53,7 @@ def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine],
         return None if matched is None else []
     names = list(types)
     if conn.dialect.name == "postgresql":
-        source = _unnested(types, rows)
+        source = unnested(types, rows)
 
         def ref(name: str) -> ColumnElement:
             return source.c[name]

@@ -16,7 +16,7 @@ from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_,
 from sqlalchemy.engine import Connection, Engine
 
 from .audit import attempts, deliveries, outbox
-from .bulk import Ref, _unnested, insert_each, update_each
+from .bulk import Ref, unnested, insert_each, update_each
 from .clock import as_utc, utcnow
 from .events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, EVENT_ONE, PENDING, REJECTED
 from .retry import UNKNOWN
@@ -315,7 +315,7 @@ def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None
     a = attempts.c
     pairs = sorted({(i.event_key, i.attempt) for i in items})
     if conn.dialect.name == "postgresql":
-        v = _unnested({"key": a.event_key.type, "attempt": a.attempt.type},
+        v = unnested({"key": a.event_key.type, "attempt": a.attempt.type},
                       [{"key": key, "attempt": attempt} for key, attempt in pairs])
         conn.execute(delete(attempts).where(a.event_key == v.c.key, a.attempt == v.c.attempt))
     else:
