@@ -158,9 +158,9 @@ GRANT_GATHER_SECONDS = 0.01
 # Waiting for the leases an earlier sender left, a sender looks again this often whether they are still there.
 LEASE_LOOK_SECONDS = 2.0
 # Workers started that have not had their first answer yet (each opens its connection with its
-# first request), at most: a burst of new connections can overflow a server's accept queue (32 at
-# once gave requests that never left in a loaded Celery deployment test), and at a long round trip too few would hold back
-# how fast the requests in flight grow (4 held case (f) of make bench to about 90 events/s).
+# first request), at most: a burst of new connections can overflow a server's accept queue (with
+# 32, a loaded Celery deployment test saw attempts audited `retry`), and at a long round trip too
+# few hold back how fast the requests in flight grow (4 held make bench (f) near 90 events/s).
 CONNECTING_AT_ONCE = 8
 # A queued request is not sent when its lease would end less than this (plus a request's timeout) later.
 LEASE_SPARE_SECONDS = 5.0
