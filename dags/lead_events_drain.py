@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag
 from airflow.timetables.trigger import CronTriggerTimetable
 
-from lead_sync.config import MAX_TIME_BUDGET_SECONDS, load_config
+from lead_sync.read.config import MAX_TIME_BUDGET_SECONDS, load_config
 from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import (
     CheckOutcomeOperator,

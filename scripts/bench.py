@@ -38,14 +38,14 @@ import requests
 from sqlalchemy import create_engine, insert
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from support import pg_commits, pg_database, pg_url, signups, source_metadata  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from tests.support import pg_commits, pg_database, pg_url, signups, source_metadata  # noqa: E402
 
 from cutmeshort_sandbox.process import SandboxProcess  # noqa: E402
-from lead_sync import pipeline  # noqa: E402
-from lead_sync.config import load_config  # noqa: E402
-from lead_sync.partition import Partition  # noqa: E402
-from lead_sync.settings import ApiSettings, ApiTarget  # noqa: E402
+from lead_sync import stages
+from lead_sync.read.config import load_config  # noqa: E402
+from lead_sync.read.partition import Partition  # noqa: E402
+from lead_sync.delivery.settings import ApiSettings, ApiTarget  # noqa: E402
 
 TOKEN = "bench-token"
 DAY = date(2026, 11, 27)
@@ -85,14 +85,14 @@ def ours(n: int, latency_ms: int, limit: int | None) -> dict:
     with pg_database() as (name, _):
         engine = create_engine(pg_url(name))  # as Airflow's hook builds it: no pre-ping
         _seed(engine, n)
-        pipeline.extract_and_map(engine, load_config(), Partition(DAY, ZoneInfo("UTC")), "bench")
+        stages.extract_and_map(engine, load_config(), Partition(DAY, ZoneInfo("UTC")), "bench")
         sandbox = _sandbox(latency_ms, limit)
         try:
             api = ApiTarget(sandbox.url, TOKEN, ApiSettings(rate_limit_per_minute=limit or NO_LIMIT))
             engine.dispose()
             before = pg_commits(name)
             started = time.perf_counter()
-            report = pipeline.send(engine, api, "bench", 3600)
+            report = stages.send(engine, api, "bench", 3600)
             seconds = time.perf_counter() - started
             engine.dispose()
             transactions = pg_commits(name) - before

@@ -18,15 +18,15 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import create_engine, insert
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import signups, source_metadata, verifications  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support import signups, source_metadata, verifications  # noqa: E402
 
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
-from lead_sync import pipeline  # noqa: E402
-from lead_sync.audit import drop_schema  # noqa: E402
-from lead_sync.config import load_config  # noqa: E402
-from lead_sync.partition import Partition  # noqa: E402
-from lead_sync.settings import ApiSettings, ApiTarget  # noqa: E402
+from lead_sync import stages
+from lead_sync.db.schema import drop_schema  # noqa: E402
+from lead_sync.read.config import load_config  # noqa: E402
+from lead_sync.read.partition import Partition  # noqa: E402
+from lead_sync.delivery.settings import ApiSettings, ApiTarget  # noqa: E402
 
 DAY = date(2026, 11, 27)
 
@@ -60,14 +60,14 @@ def main() -> None:
     partition = Partition(DAY, ZoneInfo("UTC"))
 
     started = time.perf_counter()
-    extracted = pipeline.extract_and_map(engine, config, partition, "bench")
+    extracted = stages.extract_and_map(engine, config, partition, "bench")
     mapped_s = time.perf_counter() - started
     events = extracted["new"]
 
     with SandboxServer(port=0, token="bench", rate_limit_per_minute=0) as sandbox:
         api = ApiTarget(sandbox.url, "bench", ApiSettings(rate_limit_per_minute=10_000_000))
         started = time.perf_counter()
-        report = pipeline.send(engine, api, "bench", 3600)
+        report = stages.send(engine, api, "bench", 3600)
         send_s = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"warehouse      {engine.dialect.name}")

@@ -15,9 +15,9 @@ from pathlib import Path
 from sqlalchemy import create_engine, func, select
 
 from cutmeshort_sandbox.process import SandboxProcess
-from lead_sync.audit import attempts, deliveries, sync_runs
+from lead_sync.db.schema import attempts, deliveries, sync_runs
 from lead_sync.events import STATUSES
-from lead_sync.report import load_report, render_html
+from lead_sync.audit.report import load_report, render_html
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".demo"

@@ -22,11 +22,11 @@ from sqlalchemy import create_engine, func, select, update
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import seed  # noqa: E402
 from cutmeshort_sandbox.process import SandboxProcess
-from lead_sync import pipeline
-from lead_sync.audit import deliveries
-from lead_sync.config import load_config
-from lead_sync.partition import Partition
-from lead_sync.settings import ApiSettings, ApiTarget
+from lead_sync import stages
+from lead_sync.db.schema import deliveries
+from lead_sync.read.config import load_config
+from lead_sync.read.partition import Partition
+from lead_sync.delivery.settings import ApiSettings, ApiTarget
 
 FAULTS = {"burst_429": {"count": 5, "retry_after": 2}, "error_rate": 0.1, "error_status": 503,
           "slow_rate": 0.04, "slow_ms": 1500, "reset_rate": 0.04, "seed": 11}
@@ -49,8 +49,8 @@ def main() -> None:
             backoff_max_seconds=2))
         for run in range(1, 6):  # like successive runs: what one leaves open, the next retries
             run_id = f"campaign-{run}"
-            pipeline.extract_and_map(engine, config, partition, run_id)
-            pipeline.send(engine, api, run_id, 3600)
+            stages.extract_and_map(engine, config, partition, run_id)
+            stages.send(engine, api, run_id, 3600)
             with engine.begin() as conn:
                 open_left = conn.execute(select(func.count()).where(deliveries.c.status == "pending")).scalar()
                 # As if the wait before the next run's retry (next_attempt_at) had passed.

@@ -5,7 +5,7 @@
 Creates a PostgreSQL database of its own (PGHOST, PGPORT, PGUSER, PGPASSWORD as for the tests;
 default 127.0.0.1:5432 as postgres), loads N signups of one day (a quarter of them need
 verification; most of those have a verification row) through server-side SQL, and runs
-`pipeline.extract_and_map` on that day with the shipped sources twice: the first run records
+`stages.extract_and_map` on that day with the shipped sources twice: the first run records
 everything, the rerun finds everything on record. Each run is a child process of its own, so
 that its wall time and peak memory (ru_maxrss) are its alone. Prints rows, events, seconds,
 peak MiB and the audit rows written per run (PostgreSQL's statistics), or all of it as JSON
@@ -26,8 +26,8 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from support import drop_pg_database, new_pg_database, pg_url, source_metadata  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from tests.support import drop_pg_database, new_pg_database, pg_url, source_metadata  # noqa: E402
 
 DAY = date(2026, 11, 27)
 CHILD_TIMEOUT = 1800  # seconds: a run that takes longer is stopped, and the database dropped
@@ -136,14 +136,14 @@ def run_child(database: str, run_id: str, day: date = DAY, timeout: float = CHIL
 
 
 def _child(database: str, run_id: str, day: str) -> None:
-    from lead_sync import pipeline
-    from lead_sync.config import load_config
-    from lead_sync.partition import Partition
+    from lead_sync import stages
+    from lead_sync.read.config import load_config
+    from lead_sync.read.partition import Partition
 
     config = load_config(ROOT / "include" / "sources" / "lead_sources.yaml")
     engine = create_engine(pg_url(database))
     started = time.perf_counter()
-    result = pipeline.extract_and_map(engine, config, Partition(date.fromisoformat(day), config.zone), run_id)
+    result = stages.extract_and_map(engine, config, Partition(date.fromisoformat(day), config.zone), run_id)
     seconds = time.perf_counter() - started
     engine.dispose()
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text, update
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support import new_pg_database, pg_url, signups, source_metadata, write_sources  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support import new_pg_database, pg_url, signups, source_metadata, write_sources  # noqa: E402
 
-from lead_sync import pipeline  # noqa: E402
-from lead_sync.audit import deliveries, ensure_schema, outbox  # noqa: E402
-from lead_sync.config import load_config  # noqa: E402
-from lead_sync.partition import Partition  # noqa: E402
+from lead_sync import stages
+from lead_sync.db.schema import deliveries, ensure_schema, outbox  # noqa: E402
+from lead_sync.read.config import load_config  # noqa: E402
+from lead_sync.read.partition import Partition  # noqa: E402
 
 HOME = date(2026, 11, 27)
 
@@ -92,7 +92,7 @@ def main() -> None:
     copy_signups(engine, HOME, 1_000, first_id=90_000_000)
     quiet = load_config(write_sources(folder, lookback_days=0))
     for day in behind:  # the earlier nightly runs, then their deliveries
-        pipeline.extract_and_map(engine, quiet, Partition(day, quiet.zone), f"earlier_{day}")
+        stages.extract_and_map(engine, quiet, Partition(day, quiet.zone), f"earlier_{day}")
     with engine.begin() as conn:
         conn.execute(update(deliveries).values(status="delivered", attempts=1, http_status=200))
         conn.execute(outbox.delete())
@@ -111,7 +111,7 @@ def main() -> None:
         settle_stats(engine)
         commits0, updated0 = pg_counters(engine)
         started = time.perf_counter()
-        result = pipeline.extract_and_map(engine, config, Partition(HOME, config.zone), f"run_{label}")
+        result = stages.extract_and_map(engine, config, Partition(HOME, config.zone), f"run_{label}")
         seconds = time.perf_counter() - started
         settle_stats(engine)
         commits1, updated1 = pg_counters(engine)

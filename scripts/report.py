@@ -14,7 +14,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from lead_sync.report import AuditMissing, load_report, render_html
+from lead_sync.audit.report import AuditMissing, load_report, render_html
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WAREHOUSE = "sqlite:///.demo/warehouse.db"

@@ -24,7 +24,7 @@ from sqlalchemy import create_engine  # noqa: E402
 
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
 
-from support import TOKEN, Warehouse, drop_pg_database, new_pg_database, pg_database, pg_url  # noqa: E402
+from tests.support import TOKEN, Warehouse, drop_pg_database, new_pg_database, pg_database, pg_url  # noqa: E402
 
 
 @pytest.fixture(scope="session")

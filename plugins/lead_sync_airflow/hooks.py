@@ -7,10 +7,10 @@ from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from sqlalchemy.engine import Engine
 
-from lead_sync.client import CutMeShortClient
-from lead_sync.settings import ApiSettings, ApiTarget, parse_api_settings
-from lead_sync.sources import prepare_engine
-from lead_sync.stores import Stores, open_stores
+from lead_sync.delivery.client import CutMeShortClient
+from lead_sync.delivery.settings import ApiSettings, ApiTarget, parse_api_settings
+from lead_sync.read.sources import prepare_engine
+from lead_sync.db.stores import Stores, open_stores
 
 STATE_CONN_ID = "lead_sync_state"
 
@@ -83,5 +83,5 @@ class CutMeShortHook(BaseHook):
         return self.target().client()
 
     def target(self) -> ApiTarget:
-        """What the core's send stage needs besides the client (`lead_sync.pipeline.send`)."""
+        """What the core's send stage needs besides the client (`lead_sync.stages.send`)."""
         return ApiTarget(self.base_url, self._token(), self.settings, self.cutmeshort_conn_id)

@@ -1,6 +1,6 @@
 """Alerts out through Airflow's notifiers: e-mail via `smtp_default`, Slack via a webhook connection.
 
-What to send is decided by `lead_sync.alerts`; this module only delivers it and records
+What to send is decided by `lead_sync.audit.alerts`; this module only delivers it and records
 each alert once every configured channel took it.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from lead_sync import alerts
-from lead_sync.config import AlertsConfig
+from lead_sync.audit import alerts
+from lead_sync.read.config import AlertsConfig
 
 log = logging.getLogger(__name__)
 

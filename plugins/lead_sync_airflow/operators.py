@@ -7,15 +7,16 @@ from typing import Any, Sequence
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from lead_sync import claims, pipeline
-from lead_sync.audit import ensure_schema
+from lead_sync.delivery import claims
+from lead_sync import stages
+from lead_sync.db.schema import ensure_schema
 from lead_sync.clock import utcnow
-from lead_sync.config import ConfigError, check_time_budget, load_config
-from lead_sync.delivery import CredentialsRefused
-from lead_sync.mapping import SourceShapeError
-from lead_sync.partition import Partition, resolve_partition
+from lead_sync.read.config import ConfigError, check_time_budget, load_config
+from lead_sync.delivery.sender import CredentialsRefused
+from lead_sync.mapping.rows import SourceShapeError
+from lead_sync.read.partition import Partition, resolve_partition
 
-from lead_sync.stores import StateStoreError
+from lead_sync.db.stores import StateStoreError
 
 from lead_sync_airflow.hooks import CutMeShortHook, stores
 from lead_sync_airflow.notify import raise_alerts
@@ -86,7 +87,7 @@ class ExtractLeadEventsOperator(BaseOperator):
         self.log.info("%ssyncing partition %s (%s), look-back %d day(s)", "DRY RUN: " if dry_run else "",
                       partition.day, config.partition_timezone, config.lookback_days)
         try:
-            return pipeline.extract_and_map(_stores(self.warehouse_conn_id), config, partition,
+            return stages.extract_and_map(_stores(self.warehouse_conn_id), config, partition,
                                             self.run_label, self.dag_id, dry_run)
         except (ConfigError, SourceShapeError, StateStoreError) as exc:
             raise AirflowFailException(str(exc)) from None
@@ -123,8 +124,8 @@ class PlanSendBatchesOperator(BaseOperator):
             ensure_schema(both.state)
             if not claims.has_sendable(both.state):
                 raise AirflowSkipException("nothing is open: no event to send")
-            pipeline.start_run(both.state, self.run_label, _today(), self.dag_id)
-        batches = pipeline.plan_send(both, self.run_label, budget,
+            stages.start_run(both.state, self.run_label, _today(), self.dag_id)
+        batches = stages.plan_send(both, self.run_label, budget,
                                      config.send_batch_size, config.max_send_batches)
         return [{"batch": b.batch, "max_events": b.max_events} for b in batches]
 
@@ -166,10 +167,10 @@ class SendLeadEventsOperator(BaseOperator):
         except ValueError as exc:  # the connection's settings: for the user to fix, not to retry
             raise AirflowFailException(str(exc)) from None
         both = _stores(self.warehouse_conn_id)
-        batch = None if self.batch is None else pipeline.Batch(int(self.batch), int(self.max_events or 0) or 10**9)
+        batch = None if self.batch is None else stages.Batch(int(self.batch), int(self.max_events or 0) or 10**9)
         ti = context.get("ti")
         try:
-            report = pipeline.send(both, api, self.run_label, _time_budget(self.time_budget_seconds), batch,
+            report = stages.send(both, api, self.run_label, _time_budget(self.time_budget_seconds), batch,
                                    host=getattr(ti, "hostname", None), client=client)
         except CredentialsRefused as exc:
             raise AirflowFailException(str(exc)) from None
@@ -224,7 +225,7 @@ class LeadEventsSummaryOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         both = _stores(self.warehouse_conn_id)
         day = partition_of(context, config.zone).day if self.whole_partition else _run_day(both.state, self.run_label)
-        summary = pipeline.summarise(both, self.run_label, day, self.dag_id, self.whole_partition)
+        summary = stages.summarise(both, self.run_label, day, self.dag_id, self.whole_partition)
         self.log.info("\n%s", summary.table())
         alert_error = None
         try:
@@ -238,7 +239,7 @@ class LeadEventsSummaryOperator(BaseOperator):
 
 
 def _run_day(engine, run_id: str) -> date:
-    return pipeline.run_partition_day(engine, run_id) or _today()
+    return stages.run_partition_day(engine, run_id) or _today()
 
 
 class CheckOutcomeOperator(BaseOperator):

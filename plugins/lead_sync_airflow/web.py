@@ -7,7 +7,7 @@ the warehouse: `get_user` accepts the UI's `_token` cookie or an `Authorization:
 header (from `POST /auth/token`) and answers 401 to anyone else; `may_read_dag` answers 403,
 with a plain notice page, to a user without that permission.
 
-What the pages show is `lead_sync.report`'s business (the same report as `make report`, no PII);
+What the pages show is `lead_sync.audit.report`'s business (the same report as `make report`, no PII);
 this module only wires it to the `warehouse_default` connection.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from airflow.api_fastapi.core_api.security import GetUserDep, get_user
 from airflow.models.dag import DagModel
 from airflow.plugins_manager import AirflowPlugin
 
-from lead_sync import report
+from lead_sync.audit import report
 
 from lead_sync_airflow.hooks import warehouse_engine
 

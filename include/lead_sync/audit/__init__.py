@@ -1,0 +1,1 @@
+"""Audit: runs and their summaries, the report, alerts, and publishing the audit to the warehouse."""

@@ -1,0 +1,95 @@
+"""The DAG file: imports cleanly, declares the contract's schedule, params and wiring."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pendulum
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+
+from tests.support import ROOT
+
+
+@pytest.fixture(scope="module")
+def bag():
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert bag.import_errors == {}
+    assert sorted(bag.dags) == ["lead_events_drain", "lead_events_sync"]
+    return bag
+
+
+@pytest.fixture(scope="module")
+def dag(bag):
+    return bag.dags["lead_events_sync"]
+
+
+def test_tasks_and_wiring(dag):
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "extract_and_map", "plan_send_batches", "send_lead_events", "audit_summary", "check_outcome"]
+    send = dag.get_task("send_lead_events")
+    assert send.pool == "cutmeshort_api"
+    # Sending is spread over mapped tasks, one per batch the plan returns.
+    assert send.is_mapped and send.upstream_task_ids == {"plan_send_batches"}
+    summary = dag.get_task("audit_summary")
+    assert summary.trigger_rule == "all_done"
+    # The summary succeeds on a failed run too, so that the Asset is updated; check_outcome fails the run.
+    assert [a.name for a in summary.outlets] == ["lead_event_deliveries"]
+    assert dag.get_task("check_outcome").trigger_rule == "all_success"
+    assert dag.max_active_runs == 1
+    # Safe to repeat: reading, mapping, planning and the summary retry on transient errors; a send
+    # batch too (its worker may die), as its claims keep a retry from resending what was delivered.
+    assert (dag.get_task("extract_and_map").retries, dag.get_task("plan_send_batches").retries,
+            summary.retries, send.retries) == (2, 2, 2, 2)
+
+
+def test_drain_sends_what_is_open_every_five_minutes(bag):
+    drain = bag.dags["lead_events_drain"]
+    assert [t.task_id for t in drain.topological_sort()] == [
+        "plan_send_batches", "send_open_events", "audit_summary", "check_outcome"]
+    assert drain.get_task("plan_send_batches").only_when_open
+    send = drain.get_task("send_open_events")
+    assert send.pool == "cutmeshort_api" and send.is_mapped
+    summary = drain.get_task("audit_summary")
+    assert summary.trigger_rule == "none_skipped" and not summary.whole_partition
+    assert [a.name for a in summary.outlets] == ["lead_event_deliveries"]
+    assert drain.max_active_runs == 1 and not drain.catchup
+    after = pendulum.datetime(2026, 11, 28, 10, 2, tz="UTC")
+    nxt = drain.timetable.next_dagrun_info(last_automated_data_interval=None, restriction=_no_restriction(after))
+    assert nxt.run_after == datetime(2026, 11, 28, 10, 5, tzinfo=timezone.utc)
+
+
+def test_daily_data_interval_schedule(dag):
+    day = datetime(2026, 11, 27, tzinfo=timezone.utc)
+    interval = dag.timetable.infer_manual_data_interval(run_after=datetime(2026, 11, 28, tzinfo=timezone.utc))
+    assert (interval.start, interval.end) == (day, datetime(2026, 11, 28, tzinfo=timezone.utc))
+    nxt = dag.timetable.next_dagrun_info(last_automated_data_interval=interval, restriction=_no_restriction())
+    assert nxt.data_interval.start == datetime(2026, 11, 28, tzinfo=timezone.utc)
+    assert nxt.run_after == datetime(2026, 11, 29, tzinfo=timezone.utc)  # fires after the day has ended
+
+
+def _no_restriction(earliest=None):
+    from airflow.timetables.base import TimeRestriction
+
+    return TimeRestriction(earliest=earliest, latest=None, catchup=True)
+
+
+def test_params(dag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    assert dag.params["time_budget_seconds"] == 3300
+    partition = dag.params.get_param("partition_date")
+    assert partition.resolve(None) is None
+    assert partition.resolve("2026-11-27") == "2026-11-27"
+    with pytest.raises(ParamValidationError):
+        partition.resolve("27/11/2026")
+
+
+@pytest.mark.parametrize("dag_id, default", [("lead_events_sync", 3300), ("lead_events_drain", 1200)])
+def test_time_budget_param_has_a_limit(bag, dag_id, default):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    budget = bag.dags[dag_id].params.get_param("time_budget_seconds")
+    assert budget.resolve() == default and budget.resolve(86_400) == 86_400
+    for absurd in (86_401, 10**12, 0):
+        with pytest.raises(ParamValidationError):
+            budget.resolve(absurd)

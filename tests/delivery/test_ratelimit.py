@@ -1,0 +1,300 @@
+"""SharedRateLimiter on real SQLite and PostgreSQL warehouses, including OS processes competing for one bucket."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import delete, func, select
+
+from lead_sync.db.schema import ensure_schema, rate_buckets, rate_slots
+from lead_sync.delivery.ratelimit import MARGIN_SECONDS, SharedRateLimiter, bucket_name
+from lead_sync.read.sources import prepare_engine
+
+from tests.support import TOKEN
+
+WINDOW = 60.0
+FREES = WINDOW + MARGIN_SECONDS  # a slot frees this long after its stamp
+
+
+class FakeClock:
+    """Epoch seconds moved by hand; `sleep` moves it, so a minute costs nothing."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert 0 < seconds <= 62, seconds  # never more than a window (plus margin), never busy-looping
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def limiter(wh, clock: FakeClock, per_minute: int | None, bucket: str = "bucket-a") -> SharedRateLimiter:
+    prepare_engine(wh.engine)
+    ensure_schema(wh.engine)  # as the pipeline does; test_limiter_creates_its_tables covers the limiter alone
+    return SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock, sleep=clock.sleep)
+
+
+def busiest_window(times: list[float], width: float = WINDOW) -> int:
+    times = sorted(times)
+    best = start = 0
+    for end, moment in enumerate(times):
+        while moment - times[start] >= width:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def slot_count(engine, bucket: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(rate_slots).where(rate_slots.c.bucket == bucket)).scalar()
+
+
+def test_never_more_than_n_grants_in_any_60s(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=5)
+    rng = random.Random(7)
+    grants = []
+    started = clock.now
+    for _ in range(60):
+        clock.now += rng.choice([0.0, 0.0, 0.5, 3.0, 11.0, 29.0])  # bursts and pauses
+        assert lim.acquire() is True
+        grants.append(clock.now)
+    assert busiest_window(grants) == 5  # the limit is reached, never passed
+    # ...and not by starving: each wait ends exactly when the oldest slot of the window frees.
+    assert all(s <= FREES for s in clock.sleeps) and clock.sleeps
+    assert clock.now - started < 60 / 5 * FREES + FREES * 2
+    # Expired slots are cleared as it goes: only the current window is kept.
+    assert slot_count(warehouse.engine, "bucket-a") <= 5
+
+
+def test_a_full_window_makes_the_next_grant_wait_for_the_oldest_slot(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=3)
+    first = clock.now
+    for step in range(3):
+        assert lim.try_acquire() == 0.0
+        clock.now += 10
+    # 3 grants at +0, +10, +20; now +30: the first slot frees at +60.25 (60 s and the margin).
+    assert lim.try_acquire() == pytest.approx(first + FREES - clock.now)
+    assert slot_count(warehouse.engine, "bucket-a") == 3
+    assert lim.acquire() is True
+    assert clock.sleeps == [pytest.approx(FREES - 30)]
+    assert clock.now == pytest.approx(first + FREES)
+
+
+def test_acquire_returns_false_when_the_deadline_is_too_near(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=2)
+    assert lim.acquire(deadline=clock.now + 5) and lim.acquire(deadline=clock.now + 5)
+    start = clock.now
+    assert lim.acquire(deadline=start + 30) is False
+    assert lim.acquire(deadline=start + FREES - 0.1) is False
+    assert clock.sleeps == [] and clock.now == start  # gave up at once, without waiting
+    assert slot_count(warehouse.engine, "bucket-a") == 2
+    assert lim.acquire(deadline=start + FREES + 0.5) is True  # both slots free at +60.25
+    assert clock.sleeps == [pytest.approx(FREES)]
+    assert slot_count(warehouse.engine, "bucket-a") == 1
+
+
+# --- several slots per transaction (a sender with many requests in flight) --------------------
+
+def test_a_block_grants_what_is_free_in_one_go_and_gives_back_what_was_not_used(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=5)
+    granted, wait = lim.try_acquire_many(3)
+    assert wait == 0.0 and len(granted) == 3 and {g.granted_at for g in granted} == {clock.now}
+    assert len({g.slot for g in granted}) == 3
+    clock.now += 5
+    more, wait = lim.try_acquire_many(10)  # only 2 are free
+    assert wait == 0.0 and len(more) == 2 and slot_count(warehouse.engine, "bucket-a") == 5
+    none, wait = lim.try_acquire_many(1)
+    assert none == [] and wait == pytest.approx(FREES - 5)
+    lim.give_back([g.slot for g in more])  # never sent: free again at once
+    assert slot_count(warehouse.engine, "bucket-a") == 3
+    assert [len(lim.try_acquire_many(4)[0]), len(lim.acquire_many(4, deadline=clock.now + 1))] == [2, 0]
+    assert clock.sleeps == []
+    # acquire_many waits for the oldest slots, then takes what freed.
+    assert len(lim.acquire_many(4)) == 3 and clock.sleeps == [pytest.approx(FREES - 5)]
+
+
+def test_a_slot_restamped_at_its_answer_frees_a_window_after_the_answer(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=2)
+    (slow, quick), _ = lim.try_acquire_many(2)
+    start = clock.now
+    # The first request took 8 s to be answered (its stamp moves there), the other was answered at once.
+    with warehouse.engine.begin() as conn:
+        lim.restamp_in(conn, [(slow.slot, start + 8.0), (quick.slot, start)])
+        lim.restamp_in(conn, [(quick.slot, start - 5.0)])  # a stamp never moves back
+    clock.now = start + FREES
+    granted, wait = lim.try_acquire_many(2)
+    assert len(granted) == 1 and wait == 0.0  # the quick one's slot is free, the slow one's is not
+    assert lim.try_acquire_many(1) == ([], pytest.approx(8.0))
+    clock.now += 8.0
+    assert len(lim.try_acquire_many(1)[0]) == 1
+
+
+def test_no_limit_grants_blocks_without_the_database(sqlite_warehouse):
+    clock = FakeClock()
+    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
+    granted, wait = lim.try_acquire_many(50)
+    assert len(granted) == 50 and wait == 0.0 and {g.slot for g in granted} == {None}
+    lim.give_back([g.slot for g in granted])
+    with sqlite_warehouse.engine.connect() as conn:
+        assert not sqlite_warehouse.engine.dialect.has_table(conn, "lead_event_rate_slots")
+
+
+def test_buckets_are_independent_and_named_without_the_token(warehouse):
+    clock = FakeClock()
+    one = limiter(warehouse, clock, 1, bucket=bucket_name("https://api.cme.sh", TOKEN))
+    other = limiter(warehouse, clock, 1, bucket=bucket_name("https://api.cme.sh", "another-token"))
+    assert one.bucket != other.bucket and TOKEN not in one.bucket
+    assert one.bucket == bucket_name("https://api.cme.sh", TOKEN)
+    assert one.try_acquire() == 0.0 and other.try_acquire() == 0.0
+    assert one.try_acquire() > 0 and other.try_acquire() > 0
+
+
+def test_spellings_of_one_endpoint_and_token_share_a_bucket():
+    one = bucket_name("https://api.cme.sh", TOKEN)
+    assert bucket_name(" https://API.cme.sh/ ", f"{TOKEN}\n") == one
+    assert bucket_name("https://api.cme.sh", "another-token") != one
+    assert bucket_name("https://sandbox.example.com", TOKEN) != one
+    assert len(one) == 32 and TOKEN not in one
+
+
+def test_release_gives_back_only_the_slot_just_granted(warehouse):
+    clock = FakeClock()
+    one, other = limiter(warehouse, clock, 2), limiter(warehouse, clock, 2)
+    assert one.try_acquire() == 0.0 and other.try_acquire() == 0.0
+    assert one.try_acquire() > 0  # full
+    one.release()  # nothing to give back: its last try was refused
+    assert slot_count(warehouse.engine, "bucket-a") == 2
+    other.release()  # its request was never sent
+    assert slot_count(warehouse.engine, "bucket-a") == 1
+    other.release()  # only once
+    assert slot_count(warehouse.engine, "bucket-a") == 1
+    assert one.try_acquire() == 0.0 and one.try_acquire() > 0
+
+
+def test_no_limit_grants_without_touching_the_database(sqlite_warehouse):
+    clock = FakeClock()
+    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
+    assert all(lim.acquire(deadline=clock.now) for _ in range(100))
+    with sqlite_warehouse.engine.connect() as conn:
+        assert not sqlite_warehouse.engine.dialect.has_table(conn, "lead_event_rate_slots")
+
+
+def test_limiter_creates_its_tables(warehouse):
+    # Before: a limiter on a warehouse without the audit tables failed; the send task builds its limiter
+    # before anything of its own creates them (only the extract task, upstream, did).
+    clock = FakeClock()
+    lim = SharedRateLimiter(prepare_engine(warehouse.engine), "bucket-a", 2, clock=clock, sleep=clock.sleep)
+    assert lim.try_acquire() == 0.0
+    assert slot_count(warehouse.engine, "bucket-a") == 1
+
+
+def test_limiter_recreates_a_lost_bucket_row(warehouse):
+    clock = FakeClock()
+    lim = limiter(warehouse, clock, per_minute=2)
+    assert lim.try_acquire() == 0.0
+    with warehouse.engine.begin() as conn:
+        conn.execute(delete(rate_buckets))
+    # Without its row nothing would serialise competing senders: it comes back.
+    assert lim.try_acquire() == 0.0
+    assert lim.try_acquire() > 0
+    with warehouse.engine.connect() as conn:
+        assert conn.execute(select(rate_buckets.c.bucket)).scalars().all() == ["bucket-a"]
+
+
+# --- real processes competing for one bucket -----------------------------------------------
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from sqlalchemy import create_engine
+from lead_sync.delivery.ratelimit import SharedRateLimiter
+
+url, ready = sys.argv[1], sys.argv[5]
+per_minute, attempts, rounds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+# SQLite: wait for the competing writer (what prepare_engine does, without importing pandas here).
+engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+waits = []  # what the limiter waited for a slot
+def sleep(seconds):
+    waits.append(seconds)
+    time.sleep(seconds)
+# One bucket per round; the processes race to create each of them, too.
+limiters = [SharedRateLimiter(engine, f"shared-{r}", per_minute, sleep=sleep) for r in range(rounds)]
+Path(ready).touch()
+start = float(sys.stdin.readline())  # the same wall-clock start for every process
+results = []
+for r, limiter in enumerate(limiters):
+    time.sleep(max(0.0, start + r * ROUND_SECONDS - time.time()))
+    for _ in range(attempts):
+        asked, before = time.time(), len(waits)
+        granted = limiter.acquire(deadline=time.time() + 3.0)
+        results.append([r, granted, asked, time.time(), len(waits) - before])
+print(json.dumps(results))
+"""
+
+PROCESSES = 4
+PER_MINUTE = 20
+ATTEMPTS_EACH = 7  # per round: 28 attempts on one bucket, N + 8
+ROUNDS = 3  # each round is a fresh bucket, so a race at the N-th slot gets three chances to show
+ROUND_SECONDS = 0.75
+
+
+def test_processes_sharing_one_bucket_never_exceed_the_limit(warehouse, tmp_path):
+    ensure_schema(warehouse.engine)
+    url = warehouse.url.render_as_string(hide_password=False)
+    code = CHILD.replace("ROUND_SECONDS", repr(ROUND_SECONDS))
+    procs: list[subprocess.Popen] = []
+    try:
+        for n in range(PROCESSES):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", code, url, str(PER_MINUTE), str(ATTEMPTS_EACH), str(ROUNDS),
+                 str(tmp_path / f"ready-{n}")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"ready-{n}").exists() for n in range(PROCESSES)):
+            assert time.monotonic() < deadline, "child processes did not get ready"
+            assert all(p.poll() is None for p in procs), [p.communicate()[1] for p in procs if p.poll() is not None]
+            time.sleep(0.02)
+        start = time.time() + 0.2
+        for proc in procs:
+            proc.stdin.write(f"{start}\n")
+            proc.stdin.flush()
+        outputs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            outputs.append(json.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    results = [r for out in outputs for r in out]
+    assert len(results) == PROCESSES * ATTEMPTS_EACH * ROUNDS
+    for round_ in range(ROUNDS):
+        mine = [(granted, asked, done, waited) for r, granted, asked, done, waited in results if r == round_]
+        granted_at = [done for granted, _, done, _ in mine if granted]
+        # All attempts of a round fall in its first window: exactly N granted, not one more, none lost.
+        assert max(done for _, _, done, _ in mine) - min(asked for _, asked, _, _ in mine) < 10
+        assert (round_, len(granted_at)) == (round_, PER_MINUTE)
+        assert busiest_window(granted_at) == PER_MINUTE
+        assert slot_count(warehouse.engine, f"shared-{round_}") == PER_MINUTE
+        # Nobody waited: every grant was free at once, and a refusal came without a wait, the next
+        # slot being a minute away, past the 3 s deadline.
+        assert [waited for _, _, _, waited in mine] == [0] * len(mine)
+    with warehouse.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(rate_buckets)).scalar() == ROUNDS

@@ -1,0 +1,286 @@
+"""One event, one send (contract section 12): an extraction that runs while a sender claims,
+delivers or settles its events never rewrites them. Real warehouses (SQLite and PostgreSQL), the
+sandbox as a real loopback HTTP server, the real sender. The interleavings are forced: a sender
+runs right after the extraction read the rows it then writes. Last, reruns race a drain sending
+thousands of events, and the sandbox counts what it received."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from lead_sync.delivery import claims
+from lead_sync import stages
+from lead_sync.state import recording as state
+from lead_sync.db.schema import deliveries, outbox
+from lead_sync.delivery.client import CutMeShortClient
+from lead_sync.read.config import load_config
+from lead_sync.delivery.sender import Sender
+from lead_sync.read.partition import Partition
+from lead_sync.delivery.ratelimit import SharedRateLimiter
+from lead_sync.delivery.retry import RetryPolicy
+from lead_sync.read.sources import prepare_engine
+
+from tests.support.processes import wait_for
+from tests.support import TOKEN, signups
+from tests.delivery.test_sender import (  # noqa: F401 - fake_time_starts_now: a fixture
+    PARTITION, FakeClock, fake_time_starts_now, new_run_id, outbox_keys, row, seed, sending, signup,
+)
+
+CUSTOMERS = range(1, 7)
+NEXT_DAY = Partition(PARTITION.day + timedelta(days=1), PARTITION.zone)  # its run re-reads PARTITION as open
+
+
+def rerun(wh, day=PARTITION) -> dict:
+    """stages.extract_and_map of `day` (the seeded partition, or a later one that re-reads it as open)."""
+    return stages.extract_and_map(wh.engine, load_config(), day, new_run_id())
+
+
+def rename(wh, note: str) -> None:
+    """Every signup's source row changes (its name, so its payload): a rerun wants to rewrite each open event."""
+    wh.execute(f"UPDATE signups SET customer_name = 'Name {note} ' || customer_external_id")
+
+
+def after_first_call(monkeypatch, name: str, action) -> list:
+    """Run `action` once, right after the first call of state.<name> returned (a generator: once
+    it has yielded everything). Returns a list that holds True once it ran."""
+    original, ran = getattr(state, name), []
+
+    def once() -> None:
+        if not ran:
+            ran.append(True)
+            action()
+
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        once()
+        return result
+
+    def wrapped_stream(*args, **kwargs):
+        yield from original(*args, **kwargs)
+        once()
+
+    monkeypatch.setattr(state, name, wrapped_stream if name == "_stream" else wrapped)
+    return ran
+
+
+def sent_per_event(sandbox) -> Counter:
+    return Counter((r["body"]["customerExternalId"], r["body"]["eventName"]) for r in sandbox.requests())
+
+
+def drain(wh, sandbox) -> int:
+    """A later sender (the drain DAG's): the requests it makes."""
+    with sending(wh, sandbox, per_minute=None) as sender:
+        return sender.run().requests
+
+
+def row_and_body(wh, cid: int) -> tuple[dict, dict | None]:
+    found = row(wh, cid)
+    return found, claims.outbox_body(wh.engine, found["event_key"])
+
+
+# --- forced interleavings --------------------------------------------------------------------
+
+@pytest.mark.parametrize("day", ["home", "open"])
+def test_events_delivered_between_the_read_and_the_write_stay_delivered(warehouse, sandbox, monkeypatch, day):
+    seed(warehouse, *(signup(cid, cid) for cid in CUSTOMERS))
+    rename(warehouse, "v2")  # the rerun re-evaluates every event to a new body
+    with sending(warehouse, sandbox, per_minute=None) as sender:
+        reports = []
+        ran = after_first_call(monkeypatch, "_load", lambda: reports.append(sender.run()))
+        summary = rerun(warehouse, PARTITION if day == "home" else NEXT_DAY)
+    assert ran and reports[0].delivered == len(CUSTOMERS)
+    for cid in CUSTOMERS:
+        delivered = row(warehouse, cid)
+        assert (delivered["status"], delivered["attempts"], delivered["reason"]) == ("delivered", 1, None)
+        assert delivered["inflight_until"] is None and delivered["delivered_at"] is not None
+    assert outbox_keys(warehouse) == set()
+    # Nothing is sent again: a later sender finds nothing, the API saw each event once.
+    assert drain(warehouse, sandbox) == 0
+    assert sent_per_event(sandbox) == {(str(cid), "signup_started"): 1 for cid in CUSTOMERS}
+    assert Counter(r["status"] for r in sandbox.requests()) == {200: len(CUSTOMERS)}
+    # The run says what it left.
+    assert summary["reevaluated"] == len(CUSTOMERS) and summary["changed_meanwhile"] == len(CUSTOMERS)
+
+
+def test_an_event_claimed_between_the_read_and_the_write_is_left_to_its_sender(warehouse, sandbox, monkeypatch):
+    seed(warehouse, signup(1), signup(2, 1))
+    rename(warehouse, "v2")
+    taken = []
+
+    def claim() -> None:
+        taken.extend(claims.claim_many(warehouse.engine, "manual__claimer", 60, datetime.now(timezone.utc),
+                                       new=10).claims)
+
+    after_first_call(monkeypatch, "_load", claim)
+    summary = rerun(warehouse)
+    assert len(taken) == 2
+    for cid in (1, 2):
+        held, body = row_and_body(warehouse, cid)
+        # As the claim left it: held, its first attempt counted, the body it took unchanged.
+        assert (held["status"], held["attempts"], held["inflight_run_id"]) == ("pending", 1, "manual__claimer")
+        assert "customerName" not in body and held["last_run_id"] == "manual__claimer"
+    assert summary["changed_meanwhile"] == 2
+
+
+def test_events_delivered_after_the_close_missing_read_are_not_closed(warehouse, sandbox, monkeypatch):
+    seed(warehouse, *(signup(cid, cid) for cid in CUSTOMERS))
+    warehouse.execute("DELETE FROM signups WHERE customer_external_id IN (1, 2)")  # gone from the warehouse
+    with sending(warehouse, sandbox, per_minute=None) as sender:
+        reports = []
+        ran = after_first_call(monkeypatch, "_stream", lambda: reports.append(sender.run()))
+        summary = rerun(warehouse)
+    assert ran and reports[0].delivered == len(CUSTOMERS)
+    assert {row(warehouse, cid)["status"] for cid in CUSTOMERS} == {"delivered"}
+    assert all(row(warehouse, cid)["reason"] is None for cid in (1, 2))
+    assert drain(warehouse, sandbox) == 0 and set(sent_per_event(sandbox).values()) == {1}
+    assert summary.get("closed_missing", 0) == 0 and summary["changed_meanwhile"] == 2
+
+
+def test_a_missing_event_still_open_is_closed(warehouse):
+    seed(warehouse, signup(1), signup(2, 1))
+    warehouse.execute("DELETE FROM signups WHERE customer_external_id = 1")
+    summary = rerun(warehouse)
+    assert summary["closed_missing"] == 1 and "changed_meanwhile" not in summary
+    closed, body = row_and_body(warehouse, 1)
+    assert closed["status"] == "skipped" and body is None
+    assert row(warehouse, 2)["status"] == "pending"
+
+
+# --- a sender's reason on an open event ----------------------------------------------------------
+
+def _left_retrying(wh, sandbox) -> None:
+    """Customer 1 left open by a sender, retrying (HTTP 500 every time); customer 2 delivered."""
+    seed(wh, signup(1), signup(2, 1))
+    sandbox.set_faults({"permanent_errors": {"1": 500}})
+    with sending(wh, sandbox, per_minute=None, max_attempts=2) as sender:
+        sender.run()
+    sandbox.set_faults({"permanent_errors": {}})
+
+
+def _left_unknown(wh, sandbox) -> None:
+    """Customer 1's sender stopped with its request in flight: recovery reopened it, outcome unknown."""
+    seed(wh, signup(1), signup(2, 1))
+    key = row(wh, 1)["event_key"]
+    assert claims.claim(wh.engine, key, "manual__stopped", lease_seconds=1) is not None
+    assert claims.recover_abandoned(wh.engine, "manual__recovery",
+                                    now=datetime.now(timezone.utc) + timedelta(seconds=5)) == 1
+
+
+@pytest.mark.parametrize("left, reason", [
+    (_left_retrying, "retrying: HTTP 500"),
+    (_left_unknown, "an earlier request's outcome is unknown (sender stopped); sent again"),
+], ids=["retrying", "outcome_unknown"])
+def test_a_rerun_keeps_the_reason_a_sender_gave_an_unchanged_open_event(warehouse, sandbox, left, reason):
+    left(warehouse, sandbox)
+    before, body = row_and_body(warehouse, 1)
+    assert before["status"] == "pending" and before["reason"].startswith(reason) and body is not None
+    # The run of its own partition keeps the sender's reason and the body; it only makes the event due now.
+    summary = rerun(warehouse)
+    assert "changed_meanwhile" not in summary
+    after, same_body = row_and_body(warehouse, 1)
+    assert same_body == body and after["reason"] == before["reason"] and after["next_attempt_at"] is None
+    moving = ("updated_at", "last_run_id", "next_attempt_at")
+    assert {k: v for k, v in after.items() if k not in moving} == {k: v for k, v in before.items() if k not in moving}
+    before = after
+    # A run that re-reads it as an open partition only says it re-evaluated it.
+    later = rerun(warehouse, NEXT_DAY)
+    touched, same_body = row_and_body(warehouse, 1)
+    assert same_body == body and touched["last_run_id"] != before["last_run_id"]
+    assert {k: v for k, v in touched.items() if k not in ("updated_at", "last_run_id")} == \
+        {k: v for k, v in before.items() if k not in ("updated_at", "last_run_id")}
+    assert later["reevaluated"] >= 1
+
+
+def test_a_changed_source_row_replaces_a_senders_reason(warehouse, sandbox):
+    _left_retrying(warehouse, sandbox)
+    before, body = row_and_body(warehouse, 1)
+    rename(warehouse, "v2")
+    rerun(warehouse)
+    after, new_body = row_and_body(warehouse, 1)
+    assert after["status"] == "pending" and after["reason"] is None
+    assert after["next_attempt_at"] is None  # a run of its own partition sends it now
+    assert new_body["customerName"] == "Name v2 1" and "customerName" not in body
+    assert after["attempts"] == before["attempts"]
+
+
+# --- a drain sending while the partition is re-run -----------------------------------------------
+
+EVENTS = 3_000
+WIDEN = 100  # of the events a rerun read as open, those the drain delivers before the rerun goes on
+
+
+def test_reruns_while_a_drain_sends_deliver_every_event_exactly_once(pg_warehouse, sandbox, monkeypatch):
+    wh = pg_warehouse
+    start = datetime(2026, 11, 27)
+    wh.create_sources()
+    wh.add(signups, *[dict(customer_external_id=n, click_id=f"click-{n}", customer_name=None, customer_email=None,
+                           customer_avatar=None, signed_up_at=start + timedelta(seconds=20 * n),
+                           requires_verification=False) for n in range(1, EVENTS + 1)])
+    assert rerun(wh)["new"] == EVENTS
+    sandbox.set_faults({"rate_limit_per_minute": None, "latency_ms": 0})
+    done, errors, reports = threading.Event(), [], []
+
+    def send() -> None:
+        """The drain DAG: a sender run after another (its own engine and client) while any event is
+        sendable. A sender ends its run early when the rows it would take are locked by a rerun's write."""
+        engine = prepare_engine(create_engine(wh.url))
+        try:
+            with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=5.0) as client:
+                while claims.has_sendable(engine) and len(reports) < 50:
+                    clock = FakeClock()  # each run starts now
+                    limiter = SharedRateLimiter(engine, "drain-bucket", None, clock=clock, sleep=clock.sleep)
+                    reports.append(Sender(engine, client, limiter, RetryPolicy(3, 0.05, 0.5), new_run_id(),
+                                          clock() + 60, clock=clock, sleep=clock.sleep).run())
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            engine.dispose()
+            done.set()
+
+    read = state._load
+
+    def read_then_let_the_drain_deliver(conn, keys):
+        """The rerun's read, then a wait until the drain has delivered some of what it read as open
+        (or has finished): each rerun then writes over events delivered since it read them."""
+        rows = read(conn, keys)
+        free = [k for k, r in rows.items() if r["status"] == "pending" and r["inflight_until"] is None]
+
+        def delivered() -> int:
+            with wh.engine.connect() as other:
+                return other.execute(select(func.count()).where(
+                    deliveries.c.event_key.in_(free), deliveries.c.status == "delivered")).scalar_one()
+
+        wait_for(lambda: done.is_set() or delivered() >= min(WIDEN, len(free)), 20,
+                 "the drain to deliver events the rerun read as open", every=0.005)
+        return rows
+
+    monkeypatch.setattr(state, "_load", read_then_let_the_drain_deliver)
+    drainer = threading.Thread(target=send, daemon=True)
+    drainer.start()
+    wait_for(lambda: sandbox.stats()["requests"] or done.is_set(), 20, "the drain to start sending", every=0.005)
+    reruns, overlapping, changed = 0, 0, 0
+    while reruns < 3 or not done.is_set():  # at least three, and again as long as the drain sends
+        assert reruns < 100, "the drain did not finish"
+        busy = not done.is_set()
+        rename(wh, f"v{reruns}")
+        summary = rerun(wh)
+        overlapping += busy
+        changed += summary.get("changed_meanwhile", 0)
+        reruns += 1
+    drainer.join(timeout=30)
+    assert not drainer.is_alive() and not errors, errors
+    later = drain(wh, sandbox)  # nothing is left for a later sender
+    print(f"\n{reruns} reruns, {overlapping} while the drain sent; {changed} events changed meanwhile; "
+          f"{len(reports)} drain runs sent {sum(r.requests for r in reports)}, a later one {later}")
+    per_event = sent_per_event(sandbox)
+    twice = {event: n for event, n in per_event.items() if n > 1}
+    assert not twice, f"{len(twice)} events sent more than once, e.g. {sorted(twice.items())[:3]}"
+    assert len(per_event) == EVENTS and later == 0  # the API saw each event once
+    assert Counter(r["status"] for r in sandbox.requests()) == {200: EVENTS}
+    assert wh.status_counts() == {"delivered": EVENTS}
+    with wh.engine.connect() as conn:
+        assert conn.execute(select(outbox.c.event_key)).first() is None
