@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag
-from airflow.timetables.trigger import CronTriggerTimetable
+from airflow.sdk import CronTriggerTimetable, Param, dag
 
 from lead_sync.read.config import MAX_TIME_BUDGET_SECONDS, load_config
 from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import (
-    CheckOutcomeOperator,
     LeadEventsSummaryOperator,
     PlanSendBatchesOperator,
     SendLeadEventsOperator,
+    check_outcome,
 )
 
 config = load_config()
@@ -50,7 +49,7 @@ def lead_events_drain():
     ).expand_kwargs(plan.output)
     summary = LeadEventsSummaryOperator(task_id="audit_summary", whole_partition=False, trigger_rule="none_skipped",
                                         outlets=[LEAD_EVENT_DELIVERIES], retries=2)
-    plan >> send >> summary >> CheckOutcomeOperator(task_id="check_outcome")
+    plan >> send >> summary >> check_outcome(summary.output)
 
 
 lead_events_drain()

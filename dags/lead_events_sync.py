@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag
-from airflow.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk import CronDataIntervalTimetable, Param, dag
 
 from lead_sync.read.config import MAX_TIME_BUDGET_SECONDS, load_config
 from lead_sync_airflow.assets import LEAD_EVENT_DELIVERIES
 from lead_sync_airflow.operators import (
-    CheckOutcomeOperator,
     ExtractLeadEventsOperator,
     LeadEventsSummaryOperator,
     PlanSendBatchesOperator,
     SendLeadEventsOperator,
+    check_outcome,
 )
 
 config = load_config()
@@ -60,7 +59,7 @@ def lead_events_sync():
         **SEND_RETRIES,
     ).expand_kwargs(plan.output)
     summary = LeadEventsSummaryOperator(task_id="audit_summary", outlets=[LEAD_EVENT_DELIVERIES], **REPEATABLE)
-    extract >> plan >> send >> summary >> CheckOutcomeOperator(task_id="check_outcome")
+    extract >> plan >> send >> summary >> check_outcome(summary.output)
 
 
 lead_events_sync()

@@ -24,6 +24,7 @@ from tests.support import signups, source_metadata, verifications  # noqa: E402
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
 from lead_sync import stages
 from lead_sync.db.schema import drop_schema  # noqa: E402
+from lead_sync.db.stores import ensure_stores  # noqa: E402
 from lead_sync.read.config import load_config  # noqa: E402
 from lead_sync.read.partition import Partition  # noqa: E402
 from lead_sync.delivery.settings import ApiSettings, ApiTarget  # noqa: E402
@@ -60,6 +61,7 @@ def main() -> None:
     partition = Partition(DAY, ZoneInfo("UTC"))
 
     started = time.perf_counter()
+    ensure_stores(engine)  # as the extract task does before its stage
     extracted = stages.extract_and_map(engine, config, partition, "bench")
     mapped_s = time.perf_counter() - started
     events = extracted["new"]

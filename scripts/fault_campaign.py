@@ -24,6 +24,7 @@ from benchmark import seed  # noqa: E402
 from cutmeshort_sandbox.process import SandboxProcess
 from lead_sync import stages
 from lead_sync.db.schema import deliveries
+from lead_sync.db.stores import ensure_stores
 from lead_sync.read.config import load_config
 from lead_sync.read.partition import Partition
 from lead_sync.delivery.settings import ApiSettings, ApiTarget
@@ -40,6 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     engine = create_engine(args.postgres or f"sqlite:///{tempfile.mkdtemp()}/campaign.db")
     seed(engine, args.events)
+    ensure_stores(engine)  # as each task does before its stage
     config = load_config()
     partition = Partition(date(2026, 11, 27), ZoneInfo("UTC"))
     started = time.monotonic()

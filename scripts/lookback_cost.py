@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support import new_pg_database, pg_url, signups, source_metadata, write_sources  # noqa: E402
 
 from lead_sync import stages
-from lead_sync.db.schema import deliveries, ensure_schema, outbox  # noqa: E402
+from lead_sync.db.schema import deliveries, outbox  # noqa: E402
+from lead_sync.db.stores import ensure_stores  # noqa: E402
 from lead_sync.read.config import load_config  # noqa: E402
 from lead_sync.read.partition import Partition  # noqa: E402
 
@@ -84,7 +85,7 @@ def main() -> None:
     url = f"sqlite:///{folder}/bench.db" if args.sqlite else (args.postgres or pg_url(new_pg_database()))
     engine = create_engine(url)
     source_metadata.create_all(engine)
-    ensure_schema(engine)
+    ensure_stores(engine)
     behind = [HOME - timedelta(days=n) for n in range(args.days, 0, -1)]
     print(f"seeding {args.days} x {args.rows:,} signups ({engine.dialect.name}) ...", flush=True)
     for n, day in enumerate(behind):

@@ -6,13 +6,16 @@ from datetime import timedelta
 
 from sqlalchemy import create_engine, select, update
 
-from lead_sync.delivery import claims
 from lead_sync import stages
+from lead_sync.audit import runs
+from lead_sync.clock import utcnow
+from lead_sync.delivery import claims
 from lead_sync.db.schema import deliveries, send_batches, sync_runs
 from lead_sync.delivery.client import CutMeShortClient
+from lead_sync.delivery.policy import SendReport
 from lead_sync.delivery.ratelimit import SharedRateLimiter
 from lead_sync.delivery.retry import RetryPolicy
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
 
 from tests.support import TOKEN
 from tests.delivery.test_sender import DAY, FakeClock, row, seed, sending, sent, signup, verification
@@ -25,7 +28,7 @@ def _batch_rows(wh, run_id: str) -> list[dict]:
 
 
 def _send_batch(url, sandbox, run_id: str, batch: stages.Batch, per_minute: int | None = 600,
-                budget: float = 30.0, host: str | None = None) -> stages.SendReport:
+                budget: float = 30.0, host: str | None = None) -> SendReport:
     """One mapped send task: its own engine and client, as on a worker."""
     engine = prepare_engine(create_engine(url))
     try:
@@ -58,8 +61,8 @@ def test_event_twos_count_with_their_pending_event_one(warehouse):
 def test_nothing_open_plans_no_batch_and_the_run_succeeds(warehouse):
     run_id = seed(warehouse, {**signup(1), "click_id": None})  # skipped: nothing to send
     assert stages.plan_send(warehouse.engine, run_id, 60, batch_size=500, max_batches=16) == []
-    summary = stages.summarise(warehouse.engine, run_id, DAY)
-    assert (summary.outcome, summary.send_result) == ("success", stages.SEND_OK)
+    summary = runs.summarise(warehouse.engine, run_id, DAY)
+    assert (summary.outcome, summary.send_result) == ("success", runs.SEND_OK)
 
 
 def test_batches_at_once_send_every_event_once_under_one_limit(warehouse, sandbox):
@@ -94,7 +97,7 @@ def test_batches_at_once_send_every_event_once_under_one_limit(warehouse, sandbo
     rows = _batch_rows(warehouse, run_id)
     assert [r["batch"] for r in rows] == [0, 1, 2, 3] and all(r["finished_at"] is not None for r in rows)
     assert sum(r["delivered"] for r in rows) == 26 and {r["host"] for r in rows} == {"worker-0", "worker-1"}
-    summary = stages.summarise(warehouse.engine, run_id, DAY)
+    summary = runs.summarise(warehouse.engine, run_id, DAY)
     assert (summary.outcome, summary.requests_sent, summary.counts) == ("success", 26, {"delivered": 26})
 
 
@@ -103,15 +106,15 @@ def test_a_batch_that_never_finished_fails_the_run_until_its_retry_does(warehous
     first, second = stages.plan_send(warehouse.engine, run_id, 60, batch_size=3, max_batches=16)
     assert _send_batch(warehouse.url, sandbox, run_id, first).delivered == 3
     # The second batch's worker died at its start: its row says it started, not that it finished.
-    stages._start_batch(warehouse.engine, run_id, second.batch, "worker-b")
-    summary = stages.summarise(warehouse.engine, run_id, DAY)
+    runs.start_batch(warehouse.engine, run_id, second.batch, "worker-b")
+    summary = runs.summarise(warehouse.engine, run_id, DAY)
     assert summary.outcome == "failed"
     assert summary.message.startswith("1 of 2 send batch(es) did not finish")
     assert summary.counts == {"delivered": 3, "pending": 3}
     # Airflow retries the batch: it sends the rest, nothing twice, and the summary is whole again.
     assert _send_batch(warehouse.url, sandbox, run_id, second, host="worker-a").delivered == 3
     assert len(sandbox.requests()) == 6
-    summary = stages.summarise(warehouse.engine, run_id, DAY)
+    summary = runs.summarise(warehouse.engine, run_id, DAY)
     assert (summary.outcome, summary.counts, summary.requests_sent) == ("success", {"delivered": 6}, 6)
     assert [(r["host"], r["tries"]) for r in _batch_rows(warehouse, run_id)] == [(None, 1), ("worker-a", 2)]
 
@@ -124,7 +127,7 @@ def test_the_run_row_keeps_the_worst_way_a_batch_ended(warehouse, sandbox):
     assert _send_batch(warehouse.url, sandbox, run_id, second).delivered == 2
     with warehouse.engine.connect() as conn:
         result = conn.execute(select(sync_runs.c.send_result).where(sync_runs.c.run_id == run_id)).scalar()
-    assert result == stages.SEND_BUDGET
+    assert result == runs.SEND_BUDGET
 
 
 def test_every_batch_stops_at_the_run_deadline(warehouse, sandbox):
@@ -132,7 +135,7 @@ def test_every_batch_stops_at_the_run_deadline(warehouse, sandbox):
     (batch,) = stages.plan_send(warehouse.engine, run_id, 60, batch_size=500, max_batches=16)
     with warehouse.engine.begin() as conn:  # the run's budget was used up by batches before this one
         conn.execute(update(sync_runs).where(sync_runs.c.run_id == run_id).values(
-            send_deadline=stages.utcnow()))
+            send_deadline=utcnow()))
     report = _send_batch(warehouse.url, sandbox, run_id, batch, budget=600)
     assert report.budget_exhausted and report.requests == 0 and sandbox.requests() == []
 
@@ -161,9 +164,9 @@ def test_a_claim_takes_no_event_left_for_later(warehouse):
     tried it in between and left it open for later."""
     run_id = seed(warehouse, signup(1))
     key = row(warehouse, 1)["event_key"]
-    later = stages.utcnow() + timedelta(minutes=5)
+    later = utcnow() + timedelta(minutes=5)
     with warehouse.engine.begin() as conn:
         conn.execute(update(deliveries).where(deliveries.c.event_key == key).values(next_attempt_at=later))
-    assert claims.claim(warehouse.engine, key, run_id, 60) is None
-    assert claims.claim_many(warehouse.engine, run_id, 60, stages.utcnow(), keys=[key]).claims == []
-    assert claims.claim(warehouse.engine, key, run_id, 60, now=later).attempt == 1
+    assert claims.claim_many(warehouse.engine, run_id, 60, utcnow(), new=1).claims == []
+    assert claims.claim_many(warehouse.engine, run_id, 60, utcnow(), keys=[key]).claims == []
+    assert claims.claim_many(warehouse.engine, run_id, 60, later, keys=[key], now=later).claims[0].attempt == 1

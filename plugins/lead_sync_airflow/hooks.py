@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 from lead_sync.delivery.client import CutMeShortClient
 from lead_sync.delivery.settings import ApiSettings, ApiTarget, parse_api_settings
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
 from lead_sync.db.stores import Stores, open_stores
 
 STATE_CONN_ID = "lead_sync_state"

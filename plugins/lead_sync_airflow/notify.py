@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any
 
+from airflow.sdk import Context
 from sqlalchemy.engine import Engine
 
 from lead_sync.audit import alerts
+from lead_sync.audit.runs import RunSummary
 from lead_sync.read.config import AlertsConfig
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def slack_text(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _send_email(cfg: AlertsConfig, alert: alerts.Alert, context: Any) -> None:
+def _send_email(cfg: AlertsConfig, alert: alerts.Alert, context: Context) -> None:
     from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 
     # .notify(), not the notifier's __call__: that would render the message as a Jinja
@@ -33,13 +34,13 @@ def _send_email(cfg: AlertsConfig, alert: alerts.Alert, context: Any) -> None:
                  smtp_conn_id=SMTP_CONN_ID).notify(context)
 
 
-def _send_slack(cfg: AlertsConfig, alert: alerts.Alert, context: Any) -> None:
+def _send_slack(cfg: AlertsConfig, alert: alerts.Alert, context: Context) -> None:
     from airflow.providers.slack.notifications.slack_webhook import SlackWebhookNotifier
 
     SlackWebhookNotifier(slack_webhook_conn_id=cfg.slack_conn_id, text=slack_text(alert.text)).notify(context)
 
 
-def raise_alerts(engine: Engine, cfg: AlertsConfig | None, summary: Any, context: Any,
+def raise_alerts(engine: Engine, cfg: AlertsConfig | None, summary: RunSummary, context: Context,
                  now: datetime | None = None) -> int:
     """Send the alerts and recoveries this run calls for; returns how many were sent.
 

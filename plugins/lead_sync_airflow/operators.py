@@ -1,22 +1,23 @@
-"""Operators: read the run's context, call one stage of the core, hand back a small summary."""
+"""Operators (and the check_outcome task): read the run's context, call one stage of the core,
+hand back a small summary."""
 from __future__ import annotations
 
 from datetime import date, timedelta
 from typing import Any, Sequence
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from lead_sync.delivery import claims
 from lead_sync import stages
-from lead_sync.db.schema import ensure_schema
+from lead_sync.audit import runs
 from lead_sync.clock import utcnow
 from lead_sync.read.config import ConfigError, check_time_budget, load_config
-from lead_sync.delivery.sender import CredentialsRefused
-from lead_sync.mapping.rows import SourceShapeError
+from lead_sync.delivery.policy import CredentialsRefused
+from lead_sync.mapping.rules import SourceShapeError
 from lead_sync.read.partition import Partition, resolve_partition
 
-from lead_sync.db.stores import StateStoreError
+from lead_sync.db.stores import StateStoreError, Stores, ensure_stores
 
 from lead_sync_airflow.hooks import CutMeShortHook, stores
 from lead_sync_airflow.notify import raise_alerts
@@ -30,14 +31,14 @@ SEND_GRACE_SECONDS = 120
 RUN_LABEL = "{{ run_id if dag.dag_id == 'lead_events_sync' else dag.dag_id ~ '/' ~ run_id }}"
 
 
-def _conf(context: Any, key: str) -> Any:
+def _conf(context: Context, key: str) -> Any:
     """A run's conf value, else its param of that name."""
     dag_run = context.get("dag_run")
     conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
     return conf.get(key) if conf.get(key) is not None else (context.get("params") or {}).get(key)
 
 
-def dry_run_of(context: Any) -> bool:
+def dry_run_of(context: Context) -> bool:
     """conf {"dry_run": true}: read and map as a real run, send nothing, change no event."""
     value = _conf(context, "dry_run")
     if value not in (None, True, False):
@@ -45,7 +46,7 @@ def dry_run_of(context: Any) -> bool:
     return bool(value)
 
 
-def partition_of(context: Any, zone) -> Partition:
+def partition_of(context: Context, zone) -> Partition:
     """conf/param `partition_date` first, else the run's data interval start. A bad date is the
     user's to fix: the task fails at once, without retries."""
     try:
@@ -77,7 +78,7 @@ class ExtractLeadEventsOperator(BaseOperator):
         self.warehouse_conn_id = warehouse_conn_id
         self.run_label = run_label
 
-    def execute(self, context: Any) -> dict:
+    def execute(self, context: Context) -> dict:
         try:
             config = load_config()
             partition = partition_of(context, config.zone)
@@ -86,9 +87,9 @@ class ExtractLeadEventsOperator(BaseOperator):
         dry_run = dry_run_of(context)
         self.log.info("%ssyncing partition %s (%s), look-back %d day(s)", "DRY RUN: " if dry_run else "",
                       partition.day, config.partition_timezone, config.lookback_days)
+        both = _stores(self.warehouse_conn_id)
         try:
-            return stages.extract_and_map(_stores(self.warehouse_conn_id), config, partition,
-                                            self.run_label, self.dag_id, dry_run)
+            return stages.extract_and_map(both, config, partition, self.run_label, self.dag_id, dry_run)
         except (ConfigError, SourceShapeError, StateStoreError) as exc:
             raise AirflowFailException(str(exc)) from None
 
@@ -110,7 +111,7 @@ class PlanSendBatchesOperator(BaseOperator):
         self.run_label = run_label
         self.only_when_open = only_when_open
 
-    def execute(self, context: Any) -> list[dict]:
+    def execute(self, context: Context) -> list[dict]:
         budget = _time_budget(self.time_budget_seconds)
         if not self.only_when_open and dry_run_of(context):
             self.log.info("dry run: nothing is sent")
@@ -121,12 +122,10 @@ class PlanSendBatchesOperator(BaseOperator):
             raise AirflowFailException(str(exc)) from None
         both = _stores(self.warehouse_conn_id)
         if self.only_when_open:
-            ensure_schema(both.state)
             if not claims.has_sendable(both.state):
                 raise AirflowSkipException("nothing is open: no event to send")
-            stages.start_run(both.state, self.run_label, _today(), self.dag_id)
-        batches = stages.plan_send(both, self.run_label, budget,
-                                     config.send_batch_size, config.max_send_batches)
+            runs.start_run(both.state, self.run_label, _today(), self.dag_id)
+        batches = stages.plan_send(both, self.run_label, budget, config.send_batch_size, config.max_send_batches)
         return [{"batch": b.batch, "max_events": b.max_events} for b in batches]
 
 
@@ -148,7 +147,7 @@ class SendLeadEventsOperator(BaseOperator):
         self.batch = batch
         self.max_events = max_events
 
-    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
         # Nothing holds a worker beyond the time budget plus one request (and the last answers'
         # commit): the sender stops taking work at the budget, and a request ends at its deadline.
@@ -160,18 +159,19 @@ class SendLeadEventsOperator(BaseOperator):
                 return  # execute refuses it, with the reason
             self.execution_timeout = timedelta(seconds=budget + timeout + SEND_GRACE_SECONDS)
 
-    def execute(self, context: Any) -> dict:
+    def execute(self, context: Context) -> dict:
         hook = CutMeShortHook(self.cutmeshort_conn_id)
         try:
             api, client = hook.target(), hook.get_conn()
         except ValueError as exc:  # the connection's settings: for the user to fix, not to retry
             raise AirflowFailException(str(exc)) from None
+        budget = _time_budget(self.time_budget_seconds)
         both = _stores(self.warehouse_conn_id)
         batch = None if self.batch is None else stages.Batch(int(self.batch), int(self.max_events or 0) or 10**9)
         ti = context.get("ti")
         try:
-            report = stages.send(both, api, self.run_label, _time_budget(self.time_budget_seconds), batch,
-                                   host=getattr(ti, "hostname", None), client=client)
+            report = stages.send(both, api, self.run_label, budget, batch, host=getattr(ti, "hostname", None),
+                                 client=client)
         except CredentialsRefused as exc:
             raise AirflowFailException(str(exc)) from None
         self.log.info("%ssent %d request(s): %d delivered, %d rejected, %d gave up, %d left for a later run%s",
@@ -187,12 +187,15 @@ class SendLeadEventsOperator(BaseOperator):
                 "budget_exhausted": report.budget_exhausted, "recovered_unknown": report.recovered_unknown}
 
 
-def _stores(warehouse_conn_id: str):
-    """The warehouse and the state store (connection lead_sync_state, when it exists)."""
+def _stores(warehouse_conn_id: str) -> Stores:
+    """The warehouse and the state store (connection lead_sync_state, when it exists), with every
+    table and view there: each task creates what is missing here, once, before its stage."""
     try:
-        return stores(warehouse_conn_id)
+        both = stores(warehouse_conn_id)
     except StateStoreError as exc:
         raise AirflowFailException(str(exc)) from None
+    ensure_stores(both)
+    return both
 
 
 def _today() -> date:
@@ -218,14 +221,14 @@ class LeadEventsSummaryOperator(BaseOperator):
         self.run_label = run_label
         self.whole_partition = whole_partition
 
-    def execute(self, context: Any) -> dict:
+    def execute(self, context: Context) -> dict:
         try:
             config = load_config()
         except ConfigError as exc:
             raise AirflowFailException(str(exc)) from None
         both = _stores(self.warehouse_conn_id)
         day = partition_of(context, config.zone).day if self.whole_partition else _run_day(both.state, self.run_label)
-        summary = stages.summarise(both, self.run_label, day, self.dag_id, self.whole_partition)
+        summary = runs.summarise(both, self.run_label, day, self.dag_id, self.whole_partition)
         self.log.info("\n%s", summary.table())
         alert_error = None
         try:
@@ -239,23 +242,18 @@ class LeadEventsSummaryOperator(BaseOperator):
 
 
 def _run_day(engine, run_id: str) -> date:
-    return stages.run_partition_day(engine, run_id) or _today()
+    return runs.run_partition_day(engine, run_id) or _today()
 
 
-class CheckOutcomeOperator(BaseOperator):
-    """Fails the DAG run when the summary found it failed (an event gave up, credentials refused, ...)
-    or could not send an alert."""
-
-    def __init__(self, *, summary_task_id: str = "audit_summary", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.summary_task_id = summary_task_id
-
-    def execute(self, context: Any) -> None:
-        result = context["ti"].xcom_pull(task_ids=self.summary_task_id) or {}
-        problems = []
-        if result.get("outcome") != "success":
-            problems.append(result.get("message") or "the run failed (see audit_summary)")
-        if result.get("alert_error"):
-            problems.append(f"{result['alert_error']} (the audit is written; the next run sends the alert)")
-        if problems:
-            raise AirflowFailException("; ".join(problems))
+@task(task_id="check_outcome")
+def check_outcome(summary: dict | None) -> None:
+    """Fails the DAG run when the summary (`audit_summary`'s result) found it failed (an event gave
+    up, credentials refused, ...) or could not send an alert."""
+    result = summary or {}
+    problems = []
+    if result.get("outcome") != "success":
+        problems.append(result.get("message") or "the run failed (see audit_summary)")
+    if result.get("alert_error"):
+        problems.append(f"{result['alert_error']} (the audit is written; the next run sends the alert)")
+    if problems:
+        raise AirflowFailException("; ".join(problems))

@@ -21,9 +21,10 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import insert, select, update
 
 from lead_sync.audit import alerts
-from lead_sync.db.schema import deliveries, ensure_schema
+from lead_sync.audit.runs import RunSummary
+from lead_sync.db.schema import deliveries
+from lead_sync.db.stores import ensure_stores
 from lead_sync.read.config import AlertsConfig
-from lead_sync.stages import RunSummary
 from lead_sync_airflow import notify
 
 NOW = datetime(2024, 5, 2, 6, 0, tzinfo=timezone.utc)
@@ -78,7 +79,7 @@ def stored(engine) -> dict[str, dict]:
 
 @pytest.fixture
 def engine(warehouse):
-    ensure_schema(warehouse.engine)
+    ensure_stores(warehouse.engine)
     return warehouse.engine
 
 
@@ -293,7 +294,7 @@ def connections(monkeypatch, webhook):
 
 @pytest.fixture
 def sqlite_engine(sqlite_warehouse):
-    ensure_schema(sqlite_warehouse.engine)
+    ensure_stores(sqlite_warehouse.engine)
     return sqlite_warehouse.engine
 
 

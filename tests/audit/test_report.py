@@ -17,6 +17,8 @@ import pytest
 from sqlalchemy import create_engine, inspect, update
 
 from lead_sync import stages
+from lead_sync.audit import runs
+from lead_sync.db.stores import ensure_stores
 from lead_sync.audit import report
 from lead_sync.db.schema import deliveries
 from lead_sync.clock import utcnow
@@ -48,6 +50,7 @@ def verification(cid: int) -> dict:
 def build_audit(wh, sandbox) -> dict[str, str]:
     """Customers: 1 (Zelda), 3, 4 delivered; 2 deferred, verified, both delivered; 5 rejected (422);
     6 skipped (no click_id); 8 left retrying (500); 7's verification waits for an event 1. Returns keys."""
+    ensure_stores(wh.engine)  # as each task does before its stage
     wh.create_sources()
     wh.add(signups, signup(1, name="Zelda Quuxley", email="zelda.quux@example.org"), signup(2, deferred=True),
            signup(3), signup(4), signup(5, name="Yorick Plimsoll", email="yorick.plim@example.net"),
@@ -57,7 +60,7 @@ def build_audit(wh, sandbox) -> dict[str, str]:
     sandbox.set_faults({"permanent_errors": {"5": 422, "8": 500}})
     settings = ApiSettings(max_attempts=2, backoff_base_seconds=0.01, backoff_max_seconds=0.05)
     stages.send(wh.engine, ApiTarget(sandbox.url, TOKEN, settings), RUN_ID, 30)
-    stages.summarise(wh.engine, RUN_ID, DAY)
+    runs.summarise(wh.engine, RUN_ID, DAY)
     rows = wh.deliveries()
     return {name: rows[(cid, event)]["event_key"] for name, cid, event in (
         ("zelda", "1", "signup_started"), ("rejected", "5", "signup_started"), ("skipped", "6", "signup_started"),
@@ -112,6 +115,12 @@ def test_report_from_a_pipeline_audit(warehouse, sandbox, monkeypatch):
     for heading in ("Deliveries per day", "Latency", "Top reasons", "Events that need attention", "Recent runs"):
         assert f">{heading} <small>" in html
     assert ("Reconciliation <small>" in html) == (data.reconciliation is not None)
+    if data.reconciliation:  # the look-back days before DAY read nothing: one line for them, DAY keeps its rows
+        empty = sorted({r["partition_date"] for r in data.reconciliation} - {DAY})
+        assert empty == [DAY - timedelta(days=n) for n in range(len(empty), 0, -1)]
+        assert f"{len(empty)} days with nothing read: {empty[0]} - {empty[-1]}</summary>" in html
+        table = html[html.index('id="reconciliation-table"'):]
+        assert table.count(f'<td data-col="partition_date">{DAY}</td>') == 2  # signups, verifications
     assert html.count("<svg") == 2 and f'id="bar-delivered-{DAY}"' in html and f'id="bar-rejected-{DAY}"' in html
     assert f'<tr data-day="{DAY}"><td>{DAY}</td>' in html and '<td class="num" data-status="delivered">5</td>' in html
     assert 'action="/lead-deliveries/customer"' in html and RUN_ID in html and keys["rejected"] in html
@@ -146,6 +155,27 @@ def test_no_audit_tables(tmp_path):
         report.load_report(engine)
     with pytest.raises(report.AuditMissing):
         report.customer_events(engine, "1")
+
+
+def test_days_with_nothing_read_fold_into_one_line():
+    first = DAY - timedelta(days=9)
+    # Ten days read, newest first as the view lists them. Day 9 read rows; day 5 read none, but an event of it
+    # is still on record; day 2 read only a repeat. Every other figure of every day is 0.
+    busy = {(9, "signups"): dict(source_rows=2, delivered=2), (5, "verifications"): dict(pending=1, no_longer_in_source=1),
+            (2, "signups"): dict(source_rows=1, repeat=1)}
+    zeros = dict(source_rows=0, delivered=0, pending=0, repeat=0, no_longer_in_source=0, unaccounted=0)
+    rows = [dict(partition_date=first + timedelta(days=n), source=source, **{**zeros, **busy.get((n, source), {})},
+                 read_by_run="run_b" if n > 6 else "run_a", read_at=utcnow())
+            for n in range(9, -1, -1) for source in ("signups", "verifications")]
+
+    shown, empty, read_by = report.fold_empty_days(rows)
+    assert shown == [r for r in rows if r["partition_date"] in {first + timedelta(days=n) for n in (9, 5, 2)}]
+    assert empty == [first + timedelta(days=n) for n in (0, 1, 3, 4, 6, 7, 8)]
+    day = lambda n: first + timedelta(days=n)  # noqa: E731
+    assert read_by == {"run_b": f"{day(7)} - {day(8)}", "run_a": f"{day(0)} - {day(1)}, {day(3)} - {day(4)}, {day(6)}"}
+    assert report.fold_empty_days(shown)[1:] == ([], {})  # nothing left to fold
+    no_day = [{k: v for k, v in r.items() if k != "partition_date"} for r in rows]
+    assert report.fold_empty_days(no_day)[0] == no_day  # rows without a day are never folded
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

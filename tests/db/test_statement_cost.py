@@ -10,11 +10,12 @@ from sqlalchemy import create_engine, text
 
 from cutmeshort_sandbox import SandboxServer
 from lead_sync import stages
+from lead_sync.db.stores import ensure_stores
 from lead_sync.delivery.client import CutMeShortClient
 from lead_sync.read.config import load_config
 from lead_sync.delivery.ratelimit import SharedRateLimiter
 from lead_sync.delivery.retry import RetryPolicy
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
 
 from tests.support.processes import wait_for
 from tests.support import TOKEN, pg_url, signups, verifications
@@ -26,6 +27,7 @@ SIGNUPS = 1600  # every 4th deferred, with its verification: 2,000 events
 
 
 def seed_events(wh) -> int:
+    ensure_stores(wh.engine)  # as each task does before its stage
     wh.create_sources()
     start = datetime(2026, 11, 27)
     rows = [dict(customer_external_id=n, click_id=f"click-{n}", customer_name=f"Name {n}",

@@ -9,13 +9,14 @@ from sqlalchemy import create_engine, select, text
 
 from cutmeshort_sandbox import SandboxServer
 from lead_sync import stages
+from lead_sync.audit import runs
 from lead_sync.db.schema import attempts, deliveries, send_batches, source_reads, sync_runs
 from lead_sync.delivery.client import CutMeShortClient
 from lead_sync.read.config import load_config
 from lead_sync.audit.publish import publish_audit
 from lead_sync.delivery.ratelimit import SharedRateLimiter
 from lead_sync.delivery.retry import RetryPolicy
-from lead_sync.db.stores import StateStoreError, Stores, open_stores
+from lead_sync.db.stores import StateStoreError, Stores, ensure_stores, open_stores
 
 from tests.support.dagrun import run_dag
 from tests.support import (TOKEN, Warehouse, allow_connections, pg_commits, pg_database, pg_url, signups,
@@ -48,6 +49,7 @@ def _run(stores: Stores, sandbox, wh: Warehouse, measure: bool = False) -> dict:
     """A whole run through the core: extract, plan, every batch, the summary. With `measure`, the
     warehouse's commits during sending (its engine is disposed around it, which flushes each
     connection's statistics)."""
+    ensure_stores(stores)  # as each task does before its stage
     stages.extract_and_map(stores, load_config(), PARTITION, RUN)
     batches = stages.plan_send(stores, RUN, 120, batch_size=4, max_batches=16)
     stores.warehouse.dispose()
@@ -59,7 +61,7 @@ def _run(stores: Stores, sandbox, wh: Warehouse, measure: bool = False) -> dict:
                                       "cutmeshort_default", batch, f"worker-{batch.batch % 2}")
     stores.warehouse.dispose()
     sent_commits = pg_commits(wh.url.database) - before
-    summary = stages.summarise(stores, RUN, DAY)
+    summary = runs.summarise(stores, RUN, DAY)
     return {"batches": len(batches), "commits": sent_commits, "summary": summary}
 
 
@@ -140,6 +142,7 @@ def test_with_a_state_store_the_warehouse_commits_once_per_batch_and_holds_the_s
 def test_an_audit_copy_that_fails_is_written_by_the_next_one(pg_warehouse, state_db, sandbox):
     _seed_sources(pg_warehouse)
     stores = open_stores(pg_warehouse.engine, state_db)
+    ensure_stores(stores)
     stages.extract_and_map(stores, load_config(), PARTITION, RUN)
     (batch,) = stages.plan_send(stores, RUN, 120, batch_size=500, max_batches=16)
     sandbox.set_faults({"permanent_errors": {"22": 422}})
@@ -157,7 +160,7 @@ def test_an_audit_copy_that_fails_is_written_by_the_next_one(pg_warehouse, state
     with pg_warehouse.engine.connect() as conn:
         assert conn.execute(select(attempts.c.event_key)).first() is None  # not copied yet
     # The summary's copy writes what was missing.
-    summary = stages.summarise(stores, RUN, DAY)
+    summary = runs.summarise(stores, RUN, DAY)
     assert summary.counts == {"delivered": 14, "rejected": 1, "skipped": 2}
     wh = _audit(pg_warehouse.engine)
     assert len(wh["attempts"]) == 15 and {r["status"] for r in wh["deliveries"]} == {"delivered", "rejected", "skipped"}
@@ -169,6 +172,7 @@ def test_an_audit_copy_that_fails_is_written_by_the_next_one(pg_warehouse, state
 def test_a_copy_repeated_after_a_crash_writes_each_row_once(pg_warehouse, state_db, sandbox):
     _seed_sources(pg_warehouse)
     stores = open_stores(pg_warehouse.engine, state_db)
+    ensure_stores(stores)
     stages.extract_and_map(stores, load_config(), PARTITION, RUN)
     tables = ("lead_event_deliveries", "lead_event_sync_runs", "lead_event_source_reads")
 
@@ -228,3 +232,31 @@ def test_the_dag_refuses_a_state_store_that_is_not_postgresql(airflow_db, pg_war
     out, err = capfd.readouterr()
     assert "connection 'lead_sync_state' must be a PostgreSQL database (it is sqlite)" in caplog.text + out + err
     assert sandbox.requests() == []
+
+
+def test_ensuring_the_stores_again_only_reads_and_puts_back_a_lost_mark(pg_warehouse, state_db):
+    from sqlalchemy import event
+
+    stores = open_stores(pg_warehouse.engine, state_db)
+    ensure_stores(stores)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args) -> None:
+        statements.append(statement.lstrip().split(None, 1)[0].upper())
+
+    for engine in (stores.state, stores.warehouse):
+        event.listen(engine, "before_cursor_execute", seen)
+    try:
+        # Every task ensures the stores first: once they are there, that is catalog reads only (a
+        # CREATE OR REPLACE TRIGGER would lock its audit table against the senders writing it).
+        ensure_stores(stores)
+        assert statements and set(statements) <= {"SELECT", "WITH"}, statements
+        with state_db.begin() as conn:
+            conn.execute(text("DROP TRIGGER lead_event_deliveries_changed ON lead_event_deliveries"))
+        ensure_stores(stores)
+    finally:
+        for engine in (stores.state, stores.warehouse):
+            event.remove(engine, "before_cursor_execute", seen)
+    with state_db.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM pg_trigger WHERE tgname = 'lead_event_deliveries_changed'")
+                            ).scalar() == 1

@@ -6,6 +6,8 @@ from datetime import date, datetime, timedelta, timezone
 from sqlalchemy import text, update
 
 from lead_sync import stages
+from lead_sync.audit import runs
+from lead_sync.db.stores import ensure_stores
 from lead_sync.db.schema import deliveries
 from lead_sync.read.config import load_config
 from lead_sync.read.partition import Partition
@@ -33,10 +35,11 @@ def view(wh, name: str, **where) -> list[dict]:
 
 
 def run(wh, sandbox, day: date, run_id: str, config) -> None:
+    ensure_stores(wh.engine)  # as each task does before its stage
     stages.extract_and_map(wh.engine, config, Partition(day, config.zone), run_id)
     api = ApiTarget(sandbox.url, TOKEN, ApiSettings(max_attempts=1, backoff_base_seconds=0.01, timeout_seconds=2))
     stages.send(wh.engine, api, run_id, 30)
-    stages.summarise(wh.engine, run_id, day)
+    runs.summarise(wh.engine, run_id, day)
 
 
 def test_every_source_row_is_accounted_for(warehouse, sandbox):

@@ -12,7 +12,7 @@ from sqlalchemy import delete, func, select
 
 from lead_sync.db.schema import ensure_schema, rate_buckets, rate_slots
 from lead_sync.delivery.ratelimit import MARGIN_SECONDS, SharedRateLimiter, bucket_name
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
 
 from tests.support import TOKEN
 
@@ -38,7 +38,7 @@ class FakeClock:
 
 def limiter(wh, clock: FakeClock, per_minute: int | None, bucket: str = "bucket-a") -> SharedRateLimiter:
     prepare_engine(wh.engine)
-    ensure_schema(wh.engine)  # as the pipeline does; test_limiter_creates_its_tables covers the limiter alone
+    ensure_schema(wh.engine)  # as each task does first (tests/plugin/test_operators.py: the send task)
     return SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock, sleep=clock.sleep)
 
 
@@ -65,7 +65,7 @@ def test_never_more_than_n_grants_in_any_60s(warehouse):
     started = clock.now
     for _ in range(60):
         clock.now += rng.choice([0.0, 0.0, 0.5, 3.0, 11.0, 29.0])  # bursts and pauses
-        assert lim.acquire() is True
+        assert len(lim.acquire_many(1)) == 1
         grants.append(clock.now)
     assert busiest_window(grants) == 5  # the limit is reached, never passed
     # ...and not by starving: each wait ends exactly when the oldest slot of the window frees.
@@ -80,26 +80,26 @@ def test_a_full_window_makes_the_next_grant_wait_for_the_oldest_slot(warehouse):
     lim = limiter(warehouse, clock, per_minute=3)
     first = clock.now
     for step in range(3):
-        assert lim.try_acquire() == 0.0
+        assert len(lim.try_acquire_many(1)[0]) == 1
         clock.now += 10
-    # 3 grants at +0, +10, +20; now +30: the first slot frees at +60.25 (60 s and the margin).
-    assert lim.try_acquire() == pytest.approx(first + FREES - clock.now)
+    # 3 grants at +0, +10, +20; now +30: the first slot frees a window (60 s and the margin) after +0.
+    assert lim.try_acquire_many(1) == ([], pytest.approx(first + FREES - clock.now))
     assert slot_count(warehouse.engine, "bucket-a") == 3
-    assert lim.acquire() is True
+    assert len(lim.acquire_many(1)) == 1
     assert clock.sleeps == [pytest.approx(FREES - 30)]
     assert clock.now == pytest.approx(first + FREES)
 
 
-def test_acquire_returns_false_when_the_deadline_is_too_near(warehouse):
+def test_acquire_grants_nothing_when_the_deadline_is_too_near(warehouse):
     clock = FakeClock()
     lim = limiter(warehouse, clock, per_minute=2)
-    assert lim.acquire(deadline=clock.now + 5) and lim.acquire(deadline=clock.now + 5)
+    assert len(lim.acquire_many(1, deadline=clock.now + 5) + lim.acquire_many(1, deadline=clock.now + 5)) == 2
     start = clock.now
-    assert lim.acquire(deadline=start + 30) is False
-    assert lim.acquire(deadline=start + FREES - 0.1) is False
+    assert lim.acquire_many(1, deadline=start + 30) == []
+    assert lim.acquire_many(1, deadline=start + FREES - 0.1) == []
     assert clock.sleeps == [] and clock.now == start  # gave up at once, without waiting
     assert slot_count(warehouse.engine, "bucket-a") == 2
-    assert lim.acquire(deadline=start + FREES + 0.5) is True  # both slots free at +60.25
+    assert len(lim.acquire_many(1, deadline=start + FREES + 0.5)) == 1  # both slots free a window later
     assert clock.sleeps == [pytest.approx(FREES)]
     assert slot_count(warehouse.engine, "bucket-a") == 1
 
@@ -158,8 +158,8 @@ def test_buckets_are_independent_and_named_without_the_token(warehouse):
     other = limiter(warehouse, clock, 1, bucket=bucket_name("https://api.cme.sh", "another-token"))
     assert one.bucket != other.bucket and TOKEN not in one.bucket
     assert one.bucket == bucket_name("https://api.cme.sh", TOKEN)
-    assert one.try_acquire() == 0.0 and other.try_acquire() == 0.0
-    assert one.try_acquire() > 0 and other.try_acquire() > 0
+    assert len(one.try_acquire_many(1)[0]) == 1 and len(other.try_acquire_many(1)[0]) == 1
+    assert one.try_acquire_many(1)[1] > 0 and other.try_acquire_many(1)[1] > 0
 
 
 def test_spellings_of_one_endpoint_and_token_share_a_bucket():
@@ -170,46 +170,40 @@ def test_spellings_of_one_endpoint_and_token_share_a_bucket():
     assert len(one) == 32 and TOKEN not in one
 
 
-def test_release_gives_back_only_the_slot_just_granted(warehouse):
+def test_giving_back_frees_only_the_slots_given_back(warehouse):
     clock = FakeClock()
     one, other = limiter(warehouse, clock, 2), limiter(warehouse, clock, 2)
-    assert one.try_acquire() == 0.0 and other.try_acquire() == 0.0
-    assert one.try_acquire() > 0  # full
-    one.release()  # nothing to give back: its last try was refused
+    (mine,), _ = one.try_acquire_many(1)
+    (theirs,), _ = other.try_acquire_many(1)
+    assert one.try_acquire_many(1)[0] == []  # full
+    one.give_back([None])  # a grant without a slot: nothing to give back
     assert slot_count(warehouse.engine, "bucket-a") == 2
-    other.release()  # its request was never sent
+    other.give_back([theirs.slot])  # its request was never sent
     assert slot_count(warehouse.engine, "bucket-a") == 1
-    other.release()  # only once
+    other.give_back([theirs.slot])  # only once
     assert slot_count(warehouse.engine, "bucket-a") == 1
-    assert one.try_acquire() == 0.0 and one.try_acquire() > 0
+    assert len(one.try_acquire_many(2)[0]) == 1  # the slot given back, and no other
+    one.give_back([mine.slot])
+    assert slot_count(warehouse.engine, "bucket-a") == 1
 
 
 def test_no_limit_grants_without_touching_the_database(sqlite_warehouse):
     clock = FakeClock()
     lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
-    assert all(lim.acquire(deadline=clock.now) for _ in range(100))
+    assert all(lim.acquire_many(1, deadline=clock.now) for _ in range(100))
     with sqlite_warehouse.engine.connect() as conn:
         assert not sqlite_warehouse.engine.dialect.has_table(conn, "lead_event_rate_slots")
-
-
-def test_limiter_creates_its_tables(warehouse):
-    # Before: a limiter on a warehouse without the audit tables failed; the send task builds its limiter
-    # before anything of its own creates them (only the extract task, upstream, did).
-    clock = FakeClock()
-    lim = SharedRateLimiter(prepare_engine(warehouse.engine), "bucket-a", 2, clock=clock, sleep=clock.sleep)
-    assert lim.try_acquire() == 0.0
-    assert slot_count(warehouse.engine, "bucket-a") == 1
 
 
 def test_limiter_recreates_a_lost_bucket_row(warehouse):
     clock = FakeClock()
     lim = limiter(warehouse, clock, per_minute=2)
-    assert lim.try_acquire() == 0.0
+    assert len(lim.try_acquire_many(1)[0]) == 1
     with warehouse.engine.begin() as conn:
         conn.execute(delete(rate_buckets))
     # Without its row nothing would serialise competing senders: it comes back.
-    assert lim.try_acquire() == 0.0
-    assert lim.try_acquire() > 0
+    assert len(lim.try_acquire_many(1)[0]) == 1
+    assert lim.try_acquire_many(1) == ([], pytest.approx(FREES))
     with warehouse.engine.connect() as conn:
         assert conn.execute(select(rate_buckets.c.bucket)).scalars().all() == ["bucket-a"]
 
@@ -239,7 +233,7 @@ for r, limiter in enumerate(limiters):
     time.sleep(max(0.0, start + r * ROUND_SECONDS - time.time()))
     for _ in range(attempts):
         asked, before = time.time(), len(waits)
-        granted = limiter.acquire(deadline=time.time() + 3.0)
+        granted = bool(limiter.acquire_many(1, deadline=time.time() + 3.0))
         results.append([r, granted, asked, time.time(), len(waits) - before])
 print(json.dumps(results))
 """

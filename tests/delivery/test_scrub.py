@@ -11,8 +11,10 @@ from sqlalchemy import inspect, text
 
 from cutmeshort_sandbox import SandboxServer
 from lead_sync import stages
+from lead_sync.audit import runs
+from lead_sync.db.stores import ensure_stores
 from lead_sync.read.config import load_config
-from lead_sync.delivery.sender import CredentialsRefused
+from lead_sync.delivery.policy import CredentialsRefused
 from lead_sync.read.partition import Partition
 from lead_sync.delivery.settings import ApiSettings, ApiTarget
 
@@ -62,6 +64,7 @@ def echoing():
 
 def test_an_echoing_api_leaks_no_token_or_customer_value(warehouse, echoing, caplog):
     caplog.set_level(logging.DEBUG)
+    ensure_stores(warehouse.engine)  # as each task does before its stage
     warehouse.create_sources()
     warehouse.add(signups, *[dict(customer_external_id=cid, click_id=f"c{cid}", customer_name=name,
                                   customer_email=email, customer_avatar=None,
@@ -74,7 +77,7 @@ def test_an_echoing_api_leaks_no_token_or_customer_value(warehouse, echoing, cap
     api = ApiTarget(echoing.url, TOKEN, ApiSettings(max_attempts=2, backoff_base_seconds=0.01, timeout_seconds=2))
     report = stages.send(warehouse.engine, api, "run_1", 30)
     assert (report.delivered, report.rejected) == (1, 1)
-    summary = stages.summarise(warehouse.engine, "run_1", DAY)
+    summary = runs.summarise(warehouse.engine, "run_1", DAY)
     # A refused token: the run stops, and its message names the connection, not the answer.
     name, email = CUSTOMERS[4]
     warehouse.add(signups, dict(customer_external_id=4, click_id="c4", customer_name=name, customer_email=email,
@@ -85,7 +88,7 @@ def test_an_echoing_api_leaks_no_token_or_customer_value(warehouse, echoing, cap
     with pytest.raises(CredentialsRefused) as refused:
         stages.send(warehouse.engine, api, "run_2", 30)
     assert "cutmeshort_default" in str(refused.value)
-    summary_2 = stages.summarise(warehouse.engine, "run_2", DAY)
+    summary_2 = runs.summarise(warehouse.engine, "run_2", DAY)
     texts = {**audit_text(warehouse.engine), "summary": summary.table(), "message": str(summary.message),
              "summary_2": summary_2.table(), "message_2": str(summary_2.message),
              "refused": str(refused.value), "log": "\n".join(r.getMessage() for r in caplog.records)}

@@ -3,6 +3,7 @@ warehouses (SQLite and PostgreSQL), against the sandbox as a real loopback HTTP 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import threading
@@ -16,15 +17,18 @@ from sqlalchemy import create_engine, select, update
 
 from lead_sync.delivery import claims
 from lead_sync import stages
+from lead_sync.audit import runs
 from lead_sync.clock import as_utc
 from lead_sync.db.schema import deliveries, metadata, outbox
 from lead_sync.delivery.client import CutMeShortClient
 from lead_sync.read.config import load_config
-from lead_sync.delivery.sender import CredentialsRefused, Sender
+from lead_sync.delivery.policy import CredentialsRefused
+from lead_sync.delivery.sender import Sender
 from lead_sync.read.partition import Partition
 from lead_sync.delivery.ratelimit import SharedRateLimiter
 from lead_sync.delivery.retry import RetryPolicy
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
+from lead_sync.db.stores import ensure_stores
 
 from tests.support import TOKEN, signups, verifications
 
@@ -53,6 +57,7 @@ def verification(cid: int, minute: int = 30, event: str = "email_verified") -> d
 
 def seed(wh, *rows: dict, verified: tuple[dict, ...] = ()) -> str:
     """Source rows in, stages.extract_and_map over them; returns the run id it used."""
+    ensure_stores(wh.engine)  # as each task does before its stage
     wh.create_sources()
     if rows:
         wh.add(signups, *rows)
@@ -149,6 +154,13 @@ def outbox_keys(wh) -> set[str]:
         return set(conn.execute(select(outbox.c.event_key)).scalars())
 
 
+def outbox_body(wh, key: str) -> dict | None:
+    """The body an open event is sent with (None once it is closed)."""
+    with wh.engine.connect() as conn:
+        body = conn.execute(select(outbox.c.body).where(outbox.c.event_key == key)).scalar()
+    return None if body is None else json.loads(body)
+
+
 def gaps(rows: list[dict]) -> list[float]:
     moments = [as_utc(r["sent_at"]) for r in rows]
     return [(b - a).total_seconds() for a, b in zip(moments, moments[1:])]
@@ -233,7 +245,7 @@ def _age(wh, cid: int, **hours: float) -> None:
 def _send_run(wh) -> str:
     """A run that only sends, as lead_events_drain's: its row in lead_event_sync_runs first."""
     run_id = new_run_id()
-    stages.start_run(wh.engine, run_id, PARTITION.day, "lead_events_drain")
+    runs.start_run(wh.engine, run_id, PARTITION.day, "lead_events_drain")
     return run_id
 
 
@@ -249,7 +261,7 @@ def test_permanent_500_stays_pending_across_runs_then_gives_up_and_is_final(ware
     assert as_utc(left["next_attempt_at"]) > datetime.now(timezone.utc) + timedelta(minutes=4)
     assert left["event_key"] in outbox_keys(warehouse)
     # Retrying is not a failure of the run.
-    summary = stages.summarise(warehouse.engine, run_id, PARTITION.day)
+    summary = runs.summarise(warehouse.engine, run_id, PARTITION.day)
     assert (summary.outcome, summary.counts, summary.requests_sent) == ("success", {"delivered": 1, "pending": 1}, 4)
 
     # A run before next_attempt_at does not try it.
@@ -260,7 +272,7 @@ def test_permanent_500_stays_pending_across_runs_then_gives_up_and_is_final(ware
     report = send_stage(warehouse, sandbox, run2, max_attempts=3)
     assert (report.requests, report.failed, report.left_open) == (3, 0, 1)
     assert as_utc(row(warehouse, 1)["next_attempt_at"]) > datetime.now(timezone.utc) + timedelta(minutes=9)
-    assert stages.summarise(warehouse.engine, run2, PARTITION.day).outcome == "success"
+    assert runs.summarise(warehouse.engine, run2, PARTITION.day).outcome == "success"
 
     # Past give_up_after_hours (72 by default): the run's last attempt gives up, and that run fails.
     _age(warehouse, 1, retry_since=73, next_attempt_at=0.01)
@@ -271,14 +283,14 @@ def test_permanent_500_stays_pending_across_runs_then_gives_up_and_is_final(ware
     assert (failed["status"], failed["attempts"]) == ("failed", 9)
     assert failed["reason"].startswith("gave up after 73.0 h of retries (9 attempts; give_up_after_hours is 72)")
     assert [a["outcome"] for a in attempts_of(warehouse, 1)][-1] == "failed"
-    summary = stages.summarise(warehouse.engine, run3, PARTITION.day)
+    summary = runs.summarise(warehouse.engine, run3, PARTITION.day)
     assert summary.outcome == "failed" and "gave up" in summary.message
 
     # Final for automatic runs: nothing is sent, and a later run is not failed by it.
     sandbox.set_faults({"permanent_errors": {}})
     run4 = _send_run(warehouse)
     assert send_stage(warehouse, sandbox, run4, max_attempts=3).requests == 0
-    summary = stages.summarise(warehouse.engine, run4, PARTITION.day)
+    summary = runs.summarise(warehouse.engine, run4, PARTITION.day)
     assert (summary.outcome, summary.counts) == ("success", {"delivered": 1, "failed": 1})
 
 
@@ -344,7 +356,7 @@ def test_client_errors_are_rejected_after_one_attempt(warehouse, sandbox, status
     assert (rejected["status"], rejected["attempts"], rejected["http_status"]) == ("rejected", 1, status)
     assert rejected["reason"] == f"rejected by the API: HTTP {status}: injected failure for this customer"
     assert rejected["event_key"] not in outbox_keys(warehouse)
-    summary = stages.summarise(warehouse.engine, run_id, PARTITION.day)
+    summary = runs.summarise(warehouse.engine, run_id, PARTITION.day)
     assert summary.outcome == "success" and summary.counts == {"delivered": 1, "rejected": 1}
 
     # Not retried by later runs while its source row is unchanged...
@@ -369,7 +381,7 @@ def test_409_counts_as_delivered_and_is_noted(warehouse, sandbox):
     seed(warehouse, signup(1))
     # Someone (an earlier, lost request) already recorded this lead.
     with CutMeShortClient(sandbox.url, TOKEN) as client:
-        body = claims.outbox_body(warehouse.engine, row(warehouse, 1)["event_key"])
+        body = outbox_body(warehouse, row(warehouse, 1)["event_key"])
         assert client.track_lead(body).http_status == 200
     with sending(warehouse, sandbox) as sender:
         report = sender.run()
@@ -401,7 +413,7 @@ def test_refused_credentials_stop_the_run_and_leave_events_pending(warehouse, sa
     assert outbox_keys(warehouse) == {r["event_key"] for r in warehouse.deliveries().values()}
     (run,) = warehouse.runs()
     assert run["send_result"] == "credentials_refused" and "cme_production" in run["message"]
-    summary = stages.summarise(warehouse.engine, run_id, PARTITION.day)
+    summary = runs.summarise(warehouse.engine, run_id, PARTITION.day)
     assert summary.outcome == "failed" and summary.counts == {"pending": 4}
 
 
@@ -420,7 +432,7 @@ def test_time_budget_used_up_leaves_the_rest_pending(warehouse, sandbox):
     assert outbox_keys(warehouse) == {row(warehouse, cid)["event_key"] for cid in (5, 6)}
     (run,) = warehouse.runs()
     assert run["send_result"] == "budget_exhausted" and "pending" in run["message"]
-    assert stages.summarise(warehouse.engine, run_id, PARTITION.day).outcome == "success"
+    assert runs.summarise(warehouse.engine, run_id, PARTITION.day).outcome == "success"
 
     # Nothing dropped: the next run (with budget left) sends exactly the rest.
     run2 = new_run_id()
@@ -551,9 +563,10 @@ def test_abandoned_in_flight_request_is_audited_as_unknown_and_sent_once_more(wa
     key = row(warehouse, 1)["event_key"]
     if reached_api:  # the dead sender's request got through before it died
         with CutMeShortClient(sandbox.url, TOKEN) as client:
-            assert client.track_lead(claims.outbox_body(warehouse.engine, key)).http_status == 200
-    assert claims.claim(warehouse.engine, key, "dead_run", lease_seconds=0.5).attempt == 1
-    expiry = claims.next_lease_expiry(warehouse.engine)
+            assert client.track_lead(outbox_body(warehouse, key)).http_status == 200
+    (dead,) = claims.claim_many(warehouse.engine, "dead_run", 0.5, datetime.now(timezone.utc), new=1).claims
+    assert (dead.event_key, dead.attempt) == (key, 1)
+    expiry, _ = claims.lease_expiries(warehouse.engine)
     if reached_api:
         time.sleep(0.6)  # the lease has run out before the next sender starts
     # Otherwise the next sender sends the rest, then waits for the lease to run out (and half a second).
@@ -594,7 +607,7 @@ def test_audit_keeps_no_raw_email_name_or_token(warehouse, sandbox):
                   verified=(verification(4),))
     sandbox.set_faults({"permanent_errors": {"2": 422, "3": 500}})
     send_stage(warehouse, sandbox, run_id, max_attempts=2)
-    stages.summarise(warehouse.engine, run_id, PARTITION.day)
+    runs.summarise(warehouse.engine, run_id, PARTITION.day)
     _age(warehouse, 3, next_attempt_at=0.01)  # due again: the next run tries it, with a revoked token
     with pytest.raises(CredentialsRefused):
         send_stage(warehouse, sandbox, new_run_id(), token="wrong-token-456")
@@ -622,31 +635,6 @@ def test_audit_keeps_no_raw_email_name_or_token(warehouse, sandbox):
     assert outbox_keys(warehouse) == {row(warehouse, 3)["event_key"]}
 
 
-# --- whether a sender has anything to do (the drain's idle runs) ------------------------------
-
-def test_has_sendable_only_when_a_sender_would_send(warehouse, sandbox):
-    # An event 2 waiting for its event 1 (not on record) is no work for a sender.
-    seed(warehouse, verified=(verification(5),))
-    assert not claims.has_sendable(warehouse.engine)
-    # Its event 1 arrives: work.
-    warehouse.add(signups, signup(5, deferred=True))
-    stages.extract_and_map(warehouse.engine, load_config(), PARTITION, new_run_id())
-    assert claims.has_sendable(warehouse.engine)
-    # Event 1 in its wait between runs (the API kept failing): event 2 still waits, nothing to do.
-    sandbox.set_faults({"permanent_errors": {"5": 503}})
-    with sending(warehouse, sandbox, max_attempts=1) as sender:
-        assert sender.run().left_open == 1
-    assert not claims.has_sendable(warehouse.engine)
-    # Due again: work. Then leased by a live sender: no work for another; lease run out: work (recovery).
-    _age(warehouse, 5, next_attempt_at=0.01)
-    assert claims.has_sendable(warehouse.engine)
-    key = row(warehouse, 5)["event_key"]
-    assert claims.claim(warehouse.engine, key, "other_sender", lease_seconds=60) is not None
-    assert not claims.has_sendable(warehouse.engine)
-    later = datetime.now(timezone.utc) + timedelta(seconds=61)
-    assert claims.has_sendable(warehouse.engine, now=later)
-
-
 def test_a_long_send_logs_progress_every_30_seconds(warehouse, sandbox, caplog):
     """A thread of its own logs a line at every tick (every 30 s), whatever the sender is doing."""
     seed(warehouse, *(signup(cid, cid) for cid in range(1, 7)))
@@ -672,17 +660,3 @@ def test_a_long_send_logs_progress_every_30_seconds(warehouse, sandbox, caplog):
         # What a line says, on the injected clock: 6 settled after 20 s of it.
         clock.now += 20
         assert sender.progress() == "progress: 6 event(s) settled (6 requests), 0 left, 0.3 events/s, ETA 0s"
-
-
-def test_a_request_that_provably_never_left_is_a_retry_not_an_unknown_outcome():
-    # Before: a refused connection, a failed DNS lookup or TLS handshake was audited `unknown`,
-    # as if the API might have the event.
-    from lead_sync.delivery.client import ApiResponse
-    from lead_sync.delivery.sender import decide
-    from lead_sync.delivery.retry import RETRY, UNKNOWN
-
-    policy = RetryPolicy(max_attempts=3)
-    never_left = ApiResponse(None, None, 3, None, "ConnectionError: connection refused", sent=False)
-    no_answer = ApiResponse(None, None, 3, None, "ReadTimeout: no whole answer within timeout_seconds")
-    assert decide(never_left, 1, policy).outcome == RETRY
-    assert decide(no_answer, 1, policy).outcome == UNKNOWN

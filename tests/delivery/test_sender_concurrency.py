@@ -18,8 +18,9 @@ from sqlalchemy import select
 from cutmeshort_sandbox import SandboxServer
 from lead_sync.delivery import claims
 from lead_sync import stages
+from lead_sync.db.stores import ensure_stores
 from lead_sync.db.schema import attempts
-from lead_sync.delivery.sender import CredentialsRefused
+from lead_sync.delivery.policy import CredentialsRefused
 from lead_sync.delivery.settings import ApiSettings, ApiTarget, parse_api_settings
 
 from tests.support.processes import wait_for
@@ -43,6 +44,7 @@ def many_signups(wh, count: int, deferred_every: int = 0, first: int = 1) -> int
         if deferred:
             checks.append(dict(customer_external_id=str(n), event_name="email_verified",
                                verified_at=(at + timedelta(seconds=5)).replace(tzinfo=timezone.utc)))
+    ensure_stores(wh.engine)  # as each task does before its stage
     wh.create_sources()
     wh.add(signups, *rows)
     if checks:
@@ -105,7 +107,7 @@ def test_default_in_flight_grows_from_one_with_the_limit_and_the_latency(warehou
     sandbox.set_faults({"latency_ms": 100})
     # No max_in_flight: no limit at all allows DEFAULT_MAX_IN_FLIGHT; the first request goes alone,
     # then each round trip at most doubles what is in flight.
-    from lead_sync.delivery.sender import DEFAULT_MAX_IN_FLIGHT
+    from lead_sync.delivery.pace import DEFAULT_MAX_IN_FLIGHT
 
     with sending(warehouse, sandbox, per_minute=None) as sender:
         assert sender.run().delivered == 60

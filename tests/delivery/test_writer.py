@@ -18,12 +18,11 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 
 from lead_sync.delivery import claims
-from lead_sync.delivery import sender as delivery
+from lead_sync.delivery import writer
 from lead_sync import stages
+from lead_sync.db.stores import ensure_stores
 from lead_sync.db.schema import attempts, deliveries, outbox
-from lead_sync.delivery.claims import Outcome, Settled
 from lead_sync.delivery.client import CutMeShortClient
-from lead_sync.clock import utcnow
 from lead_sync.read.config import load_config
 from lead_sync.delivery.sender import Sender
 from lead_sync.read.partition import Partition
@@ -41,6 +40,7 @@ _runs = itertools.count(1)
 
 def seed(wh, count: int) -> int:
     """`count` plain signups, recorded by the pipeline's extract stage; returns the events to send."""
+    ensure_stores(wh.engine)  # as each task does before its stage
     wh.create_sources()
     start = datetime(2026, 11, 27, 8, 0)
     wh.add(signups, *[dict(customer_external_id=n, click_id=f"click-{n}", customer_name=f"Name {n}",
@@ -136,7 +136,7 @@ class TableLock:
 
 
 def refusals(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == delivery.__name__ and r.getMessage().startswith(REFUSED)]
+    return [r for r in caplog.records if r.name == writer.__name__ and r.getMessage().startswith(REFUSED)]
 
 
 def assert_sent_once_and_audited(wh, sandbox, run: Sending, total: int) -> None:
@@ -253,36 +253,10 @@ def test_answers_committed_after_another_sender_audited_their_leases_unknown_rep
     assert_quiet_logs(caplog)
 
 
-def test_a_late_answer_for_an_event_taken_again_keeps_the_newer_state_and_its_body(pg_warehouse):
-    seed(pg_warehouse, 1)
-    engine = pg_warehouse.engine
-    key = pg_warehouse.deliveries()[("1", "signup_started")]["event_key"]
-    first = claims.claim(engine, key, "manual__slow", lease_seconds=0.1)
-    later = utcnow() + timedelta(seconds=1)  # its lease has run out: another sender recovers it
-    assert claims.recover_abandoned(engine, "manual__other", now=later) == 1
-    second = claims.claim(engine, key, "manual__other", lease_seconds=60, now=later)
-    assert (first.attempt, second.attempt) == (1, 2)
-    now = utcnow()
-    ok = Outcome("delivered", 200, 5, None, "{}", status="delivered", reason=None)
-    with engine.begin() as conn:  # the first sender's answer, committed late
-        claims.settle_many(conn, "manual__slow", [Settled(key, 1, now, ok, now)])
-    rows = [(r["attempt"], r["outcome"], r["http_status"]) for r in pg_warehouse.attempts()]
-    assert rows == [(1, "delivered", 200)]
-    event = pg_warehouse.deliveries()[("1", "signup_started")]
-    assert (event["status"], event["attempts"], event["inflight_run_id"]) == ("pending", 2, "manual__other")
-    assert claims.outbox_body(engine, key) is not None  # still sendable, should the second request fail
-    again = Outcome("delivered", 409, 5, None, "{}", status="delivered", reason="409")
-    with engine.begin() as conn:
-        claims.settle_many(conn, "manual__other", [Settled(key, 2, now, again, now)])
-    assert [(r["attempt"], r["http_status"]) for r in pg_warehouse.attempts()] == [(1, 200), (2, 409)]
-    assert pg_warehouse.deliveries()[("1", "signup_started")]["status"] == "delivered"
-    assert claims.outbox_body(engine, key) is None
-
-
 def test_past_write_retry_seconds_the_send_fails_with_the_warehouse_error(pg_warehouse, sandbox, caplog,
                                                                          monkeypatch):
     """Tried again for WRITE_RETRY_SECONDS (here 2 s) from the first refusal: then the error surfaces."""
-    monkeypatch.setattr(delivery, "WRITE_RETRY_SECONDS", 2.0)
+    monkeypatch.setattr(writer, "WRITE_RETRY_SECONDS", 2.0)
     caplog.set_level(logging.INFO, logger="lead_sync")
     seed(pg_warehouse, 20)
     sandbox.set_faults({"rate_limit_per_minute": None, "latency_ms": 100})

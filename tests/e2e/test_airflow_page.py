@@ -27,6 +27,8 @@ import requests
 from tests.support.dagrun import airflow_cli_env
 from tests.support.processes import free_port, start, stop, wait_for
 from lead_sync import stages
+from lead_sync.audit import runs
+from lead_sync.db.stores import ensure_stores
 from lead_sync.read.config import load_config
 from lead_sync.read.partition import Partition
 from lead_sync.delivery.settings import ApiSettings, ApiTarget
@@ -98,6 +100,7 @@ def _seed(wh, sandbox, day) -> None:
                     customer_name=name, customer_email=email, customer_avatar=None,
                     signed_up_at=moment + timedelta(hours=8, minutes=minute), requires_verification=False)
 
+    ensure_stores(wh.engine)  # as each task does before its stage
     wh.create_sources()
     wh.add(signups, row(ZELDA, 1, click=ZELDA_CLICK, name=ZELDA_NAME, email=ZELDA_EMAIL), row(4244, 2), row(4245, 3),
            row(REJECTED, 4), row(4246, 5, click=None))  # the last: skipped, no click id
@@ -114,7 +117,7 @@ def _seed(wh, sandbox, day) -> None:
     (sent,) = [r["body"] for r in sandbox.requests() if r["body"].get("customerExternalId") == str(ZELDA)]
     assert (sent.get("customerName"), sent.get("customerEmail"), sent.get("clickId")) == (
         ZELDA_NAME, ZELDA_EMAIL, ZELDA_CLICK), sent
-    stages.summarise(wh.engine, run_id, day)
+    runs.summarise(wh.engine, run_id, day)
     assert wh.status_counts() == {"delivered": 3, "rejected": 1, "skipped": 1}
 
 

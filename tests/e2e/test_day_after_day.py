@@ -332,9 +332,8 @@ def test_a_warehouse_refusing_connections_is_retried_by_airflow(pg_warehouse, sa
 
     def adjust(dag) -> None:
         extract = dag.task_dict["extract_and_map"]
-        assert extract.retries == 2 and extract.retry_delay == timedelta(seconds=30)  # as shipped
-        assert dag.task_dict["audit_summary"].retries == 2
-        extract.retry_delay = timedelta(seconds=3)  # outlasts the 2 s outage; 30 s as shipped
+        assert extract.retries >= 1  # what recovers from the outage (tests/dags states the retry rules)
+        extract.retry_delay = timedelta(seconds=3)  # outlasts the 2 s outage, and keeps the test short
         extract.on_execute_callback = [pull_the_plug]
 
     capfd.readouterr()

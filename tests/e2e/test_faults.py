@@ -243,7 +243,7 @@ def test_kill_9_while_sending_then_rerun_loses_nothing(airflow_db, pg_warehouse,
 def test_warehouse_going_away_fails_cleanly_and_a_rerun_completes(pg_warehouse, sandbox, monkeypatch):
     # The run is in this process (dag.test): the writer gives the warehouse 5 s instead of 90 before
     # the send fails, and Airflow's retries come after 1 s instead of 30 (the outcome is the same).
-    from lead_sync.delivery import sender as delivery
+    from lead_sync.delivery import writer as delivery
 
     monkeypatch.setattr(delivery, "WRITE_RETRY_SECONDS", 5.0)
 

@@ -59,3 +59,33 @@ def test_a_send_task_cannot_outlive_its_budget_plus_one_request(monkeypatch, san
     send = SendLeadEventsOperator(task_id="send", time_budget_seconds="{{ params.budget }}", run_label="manual__1")
     send.render_template_fields({"params": {"budget": 600}})
     assert send.execution_timeout == timedelta(seconds=600 + 7 + SEND_GRACE_SECONDS)
+
+
+def test_each_task_creates_the_audit_it_needs_before_its_stage(connections):
+    # The stages assume the schema is there: each task ensures it first. A send task that runs on
+    # a warehouse nothing has written yet (its limiter's bucket lives in the audit tables) finds
+    # nothing to send and leaves the audit ready; so does the drain's plan, skipped for want of work.
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    warehouse, sandbox = connections
+    send = SendLeadEventsOperator(task_id="send", time_budget_seconds=30, run_label="manual__empty")
+    send.render_template_fields({})
+    assert send.execute({})["requests"] == 0
+    assert {"lead_event_deliveries", "lead_event_rate_buckets", "lead_event_sync_runs"} <= set(
+        inspect(warehouse.engine).get_table_names())
+    assert sandbox.requests() == []
+    with pytest.raises(AirflowSkipException):
+        PlanSendBatchesOperator(task_id="plan", time_budget_seconds=30, only_when_open=True).execute({})
+
+
+def test_check_outcome_fails_a_failed_run_and_an_unsent_alert_with_their_reasons():
+    from lead_sync_airflow.operators import check_outcome
+
+    verdict = check_outcome.function  # the task's own code, as the task runner calls it
+    assert verdict({"outcome": "success", "message": None, "alert_error": None}) is None
+    with pytest.raises(AirflowFailException, match="1 event\\(s\\) gave up"):
+        verdict({"outcome": "failed", "message": "1 event(s) gave up", "alert_error": None})
+    with pytest.raises(AirflowFailException, match="an alert could not be sent: smtp down.*the next run sends"):
+        verdict({"outcome": "success", "alert_error": "an alert could not be sent: smtp down"})
+    with pytest.raises(AirflowFailException, match="see audit_summary"):
+        verdict(None)  # the summary handed back nothing

@@ -12,41 +12,29 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import create_engine, func, select
 
-from lead_sync.delivery import claims
-from lead_sync import stages
-from lead_sync.state import recording as state
+from lead_sync.db.engines import prepare_engine
 from lead_sync.db.schema import deliveries, outbox
+from lead_sync.delivery import claims
 from lead_sync.delivery.client import CutMeShortClient
-from lead_sync.read.config import load_config
-from lead_sync.delivery.sender import Sender
-from lead_sync.read.partition import Partition
 from lead_sync.delivery.ratelimit import SharedRateLimiter
 from lead_sync.delivery.retry import RetryPolicy
-from lead_sync.read.sources import prepare_engine
+from lead_sync.delivery.sender import Sender
+from lead_sync.state import recording as state
 
 from tests.support.processes import wait_for
 from tests.support import TOKEN, signups
 from tests.delivery.test_sender import (  # noqa: F401 - fake_time_starts_now: a fixture
     PARTITION, FakeClock, fake_time_starts_now, new_run_id, outbox_keys, row, seed, sending, signup,
 )
+from tests.state.reruns import NEXT_DAY, rename, rerun, row_and_body
 
 CUSTOMERS = range(1, 7)
-NEXT_DAY = Partition(PARTITION.day + timedelta(days=1), PARTITION.zone)  # its run re-reads PARTITION as open
-
-
-def rerun(wh, day=PARTITION) -> dict:
-    """stages.extract_and_map of `day` (the seeded partition, or a later one that re-reads it as open)."""
-    return stages.extract_and_map(wh.engine, load_config(), day, new_run_id())
-
-
-def rename(wh, note: str) -> None:
-    """Every signup's source row changes (its name, so its payload): a rerun wants to rewrite each open event."""
-    wh.execute(f"UPDATE signups SET customer_name = 'Name {note} ' || customer_external_id")
 
 
 def after_first_call(monkeypatch, name: str, action) -> list:
-    """Run `action` once, right after the first call of state.<name> returned (a generator: once
-    it has yielded everything). Returns a list that holds True once it ran."""
+    """Run `action` once, right after the first call of state.<name> (the name as recording looks
+    it up) returned (a generator: once it has yielded everything). Returns a list that holds True
+    once it ran."""
     original, ran = getattr(state, name), []
 
     def once() -> None:
@@ -63,7 +51,7 @@ def after_first_call(monkeypatch, name: str, action) -> list:
         yield from original(*args, **kwargs)
         once()
 
-    monkeypatch.setattr(state, name, wrapped_stream if name == "_stream" else wrapped)
+    monkeypatch.setattr(state, name, wrapped_stream if name == "stream" else wrapped)
     return ran
 
 
@@ -77,11 +65,6 @@ def drain(wh, sandbox) -> int:
         return sender.run().requests
 
 
-def row_and_body(wh, cid: int) -> tuple[dict, dict | None]:
-    found = row(wh, cid)
-    return found, claims.outbox_body(wh.engine, found["event_key"])
-
-
 # --- forced interleavings --------------------------------------------------------------------
 
 @pytest.mark.parametrize("day", ["home", "open"])
@@ -90,7 +73,7 @@ def test_events_delivered_between_the_read_and_the_write_stay_delivered(warehous
     rename(warehouse, "v2")  # the rerun re-evaluates every event to a new body
     with sending(warehouse, sandbox, per_minute=None) as sender:
         reports = []
-        ran = after_first_call(monkeypatch, "_load", lambda: reports.append(sender.run()))
+        ran = after_first_call(monkeypatch, "rows_on_record", lambda: reports.append(sender.run()))
         summary = rerun(warehouse, PARTITION if day == "home" else NEXT_DAY)
     assert ran and reports[0].delivered == len(CUSTOMERS)
     for cid in CUSTOMERS:
@@ -115,7 +98,7 @@ def test_an_event_claimed_between_the_read_and_the_write_is_left_to_its_sender(w
         taken.extend(claims.claim_many(warehouse.engine, "manual__claimer", 60, datetime.now(timezone.utc),
                                        new=10).claims)
 
-    after_first_call(monkeypatch, "_load", claim)
+    after_first_call(monkeypatch, "rows_on_record", claim)
     summary = rerun(warehouse)
     assert len(taken) == 2
     for cid in (1, 2):
@@ -131,7 +114,7 @@ def test_events_delivered_after_the_close_missing_read_are_not_closed(warehouse,
     warehouse.execute("DELETE FROM signups WHERE customer_external_id IN (1, 2)")  # gone from the warehouse
     with sending(warehouse, sandbox, per_minute=None) as sender:
         reports = []
-        ran = after_first_call(monkeypatch, "_stream", lambda: reports.append(sender.run()))
+        ran = after_first_call(monkeypatch, "stream", lambda: reports.append(sender.run()))
         summary = rerun(warehouse)
     assert ran and reports[0].delivered == len(CUSTOMERS)
     assert {row(warehouse, cid)["status"] for cid in CUSTOMERS} == {"delivered"}
@@ -148,63 +131,6 @@ def test_a_missing_event_still_open_is_closed(warehouse):
     closed, body = row_and_body(warehouse, 1)
     assert closed["status"] == "skipped" and body is None
     assert row(warehouse, 2)["status"] == "pending"
-
-
-# --- a sender's reason on an open event ----------------------------------------------------------
-
-def _left_retrying(wh, sandbox) -> None:
-    """Customer 1 left open by a sender, retrying (HTTP 500 every time); customer 2 delivered."""
-    seed(wh, signup(1), signup(2, 1))
-    sandbox.set_faults({"permanent_errors": {"1": 500}})
-    with sending(wh, sandbox, per_minute=None, max_attempts=2) as sender:
-        sender.run()
-    sandbox.set_faults({"permanent_errors": {}})
-
-
-def _left_unknown(wh, sandbox) -> None:
-    """Customer 1's sender stopped with its request in flight: recovery reopened it, outcome unknown."""
-    seed(wh, signup(1), signup(2, 1))
-    key = row(wh, 1)["event_key"]
-    assert claims.claim(wh.engine, key, "manual__stopped", lease_seconds=1) is not None
-    assert claims.recover_abandoned(wh.engine, "manual__recovery",
-                                    now=datetime.now(timezone.utc) + timedelta(seconds=5)) == 1
-
-
-@pytest.mark.parametrize("left, reason", [
-    (_left_retrying, "retrying: HTTP 500"),
-    (_left_unknown, "an earlier request's outcome is unknown (sender stopped); sent again"),
-], ids=["retrying", "outcome_unknown"])
-def test_a_rerun_keeps_the_reason_a_sender_gave_an_unchanged_open_event(warehouse, sandbox, left, reason):
-    left(warehouse, sandbox)
-    before, body = row_and_body(warehouse, 1)
-    assert before["status"] == "pending" and before["reason"].startswith(reason) and body is not None
-    # The run of its own partition keeps the sender's reason and the body; it only makes the event due now.
-    summary = rerun(warehouse)
-    assert "changed_meanwhile" not in summary
-    after, same_body = row_and_body(warehouse, 1)
-    assert same_body == body and after["reason"] == before["reason"] and after["next_attempt_at"] is None
-    moving = ("updated_at", "last_run_id", "next_attempt_at")
-    assert {k: v for k, v in after.items() if k not in moving} == {k: v for k, v in before.items() if k not in moving}
-    before = after
-    # A run that re-reads it as an open partition only says it re-evaluated it.
-    later = rerun(warehouse, NEXT_DAY)
-    touched, same_body = row_and_body(warehouse, 1)
-    assert same_body == body and touched["last_run_id"] != before["last_run_id"]
-    assert {k: v for k, v in touched.items() if k not in ("updated_at", "last_run_id")} == \
-        {k: v for k, v in before.items() if k not in ("updated_at", "last_run_id")}
-    assert later["reevaluated"] >= 1
-
-
-def test_a_changed_source_row_replaces_a_senders_reason(warehouse, sandbox):
-    _left_retrying(warehouse, sandbox)
-    before, body = row_and_body(warehouse, 1)
-    rename(warehouse, "v2")
-    rerun(warehouse)
-    after, new_body = row_and_body(warehouse, 1)
-    assert after["status"] == "pending" and after["reason"] is None
-    assert after["next_attempt_at"] is None  # a run of its own partition sends it now
-    assert new_body["customerName"] == "Name v2 1" and "customerName" not in body
-    assert after["attempts"] == before["attempts"]
 
 
 # --- a drain sending while the partition is re-run -----------------------------------------------
@@ -241,7 +167,7 @@ def test_reruns_while_a_drain_sends_deliver_every_event_exactly_once(pg_warehous
             engine.dispose()
             done.set()
 
-    read = state._load
+    read = state.rows_on_record
 
     def read_then_let_the_drain_deliver(conn, keys):
         """The rerun's read, then a wait until the drain has delivered some of what it read as open
@@ -258,7 +184,7 @@ def test_reruns_while_a_drain_sends_deliver_every_event_exactly_once(pg_warehous
                  "the drain to deliver events the rerun read as open", every=0.005)
         return rows
 
-    monkeypatch.setattr(state, "_load", read_then_let_the_drain_deliver)
+    monkeypatch.setattr(state, "rows_on_record", read_then_let_the_drain_deliver)
     drainer = threading.Thread(target=send, daemon=True)
     drainer.start()
     wait_for(lambda: sandbox.stats()["requests"] or done.is_set(), 20, "the drain to start sending", every=0.005)

@@ -23,17 +23,15 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import exists, func, or_, select
 from sqlalchemy.engine import Connection, Engine
 
-from lead_sync.db.schema import alert_state, deliveries, ensure_schema
-from lead_sync.read.config import AlertsConfig
+from lead_sync.audit.runs import RunSummary
+from lead_sync.db.schema import alert_state, deliveries
+from lead_sync.db.upsert import upsert
 from lead_sync.events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, FAILED, PENDING, REJECTED, STATUSES
-
-if TYPE_CHECKING:
-    from lead_sync.stages import RunSummary
+from lead_sync.read.config import AlertsConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +106,8 @@ def _rejected_share(decided: dict[str, int]) -> tuple[float, int, int] | None:
 
 
 def evaluate(engine: Engine, cfg: AlertsConfig, summary: RunSummary, now: datetime) -> list[Alert]:
-    """The alerts and recoveries to send now for this run; the stored state is not changed."""
-    ensure_schema(engine)  # the state table, if this deployment has never had one
+    """The alerts and recoveries to send now for this run; the stored state is not changed.
+    Assumes the schema is there (`lead_sync.db.stores.ensure_stores`)."""
     now = _utc(now)
     cutoff = now - timedelta(hours=cfg.backlog_hours)
     with engine.connect() as conn:
@@ -207,29 +205,10 @@ def _compose(key: str, firing: bool, what: str, detail: str, summary: RunSummary
 
 
 def mark_sent(engine: Engine, alerts: list[Alert], now: datetime) -> None:
-    """Record the state each of these alerts announced (one upsert per alert key)."""
+    """Record the state each of these alerts announced (one row per alert key)."""
     if not alerts:
         return
     now = _utc(now)
-    rows = [{"alert": a.key, "firing": a.firing, "since": now, "notified_at": now, "detail": a.detail or a.subject}
-            for a in alerts]
-    dialect = engine.dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        stmt = dialect_insert(alert_state)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[alert_state.c.alert],
-            set_={c: stmt.excluded[c] for c in ("firing", "since", "notified_at", "detail")},
-        )
-        with engine.begin() as conn:
-            conn.execute(stmt, rows)
-        return
-    # Another SQL warehouse: update, else insert, in one transaction.
     with engine.begin() as conn:
-        for row in rows:
-            values = {k: v for k, v in row.items() if k != "alert"}
-            if conn.execute(update(alert_state).where(alert_state.c.alert == row["alert"]).values(**values)).rowcount == 0:
-                conn.execute(alert_state.insert().values(**row))
+        upsert(conn, alert_state, [{"alert": a.key, "firing": a.firing, "since": now, "notified_at": now,
+                                    "detail": a.detail or a.subject} for a in alerts])

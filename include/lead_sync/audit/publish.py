@@ -16,14 +16,17 @@ from sqlalchemy.engine import Connection
 
 from lead_sync.db.schema import AUDIT_TABLES, attempts, deliveries, dry_run_events, send_batches, source_reads, sync_runs
 from lead_sync.db.stores import Stores
+from lead_sync.db.upsert import UnsupportedDialect, upsert
 
 log = logging.getLogger(__name__)
 
 CHUNK = 2000
 
-# The key a copied row replaces in the warehouse. Append-only tables have a generated id of
-# their own in each database, so they are matched on what identifies the row; a dry run's
-# events are replaced as a whole, as the dry run writes them.
+# The key a copied row replaces in the warehouse. Where that is the table's primary key, the
+# row is upserted. Append-only tables have a generated id of their own in each database (and no
+# unique key on what identifies the row), so their rows are deleted by what identifies them and
+# inserted again; a dry run's events are replaced as a whole, as the dry run writes them (an
+# event it no longer found must not stay behind).
 REPLACE_BY: dict[Table, tuple[str, ...]] = {
     deliveries: ("event_key",),
     attempts: ("event_key", "attempt", "run_id", "outcome"),
@@ -43,16 +46,26 @@ def _changed(conn: Connection, table: Table) -> Iterator[list[dict]]:
         yield [dict(r) for r in part]
 
 
-def _replace(conn: Connection, table: Table, rows: list[dict]) -> None:
+def _replace(conn: Connection, table: Table, rows: list[dict], cleared: set[tuple]) -> None:
+    """Write `rows` over the warehouse's rows of the same key. `cleared`: the keys this copy has
+    deleted already, so that a later chunk of one copy does not delete what an earlier one wrote."""
     keys = REPLACE_BY[table]
-    cols = [table.c[k] for k in keys]
-    wanted = {tuple(r[k] for k in keys) for r in rows}
-    if len(cols) == 1:
-        conn.execute(delete(table).where(cols[0].in_([w[0] for w in wanted])))
-    else:
-        conn.execute(delete(table).where(tuple_(*cols).in_(list(wanted))))
     skip = {"audit_seq", GENERATED.get(table)}
-    conn.execute(insert(table), [{k: v for k, v in r.items() if k not in skip} for r in rows])
+    values = [{k: v for k, v in r.items() if k not in skip} for r in rows]
+    if keys == tuple(c.name for c in table.primary_key.columns):
+        try:
+            upsert(conn, table, values)
+            return
+        except UnsupportedDialect:
+            pass  # delete, then insert: one copy runs at a time (publish_audit's lock), nothing races it
+    cols = [table.c[k] for k in keys]
+    wanted = {tuple(r[k] for k in keys) for r in rows} - cleared
+    if wanted and len(cols) == 1:
+        conn.execute(delete(table).where(cols[0].in_([w[0] for w in wanted])))
+    elif wanted:
+        conn.execute(delete(table).where(tuple_(*cols).in_(list(wanted))))
+    cleared |= wanted
+    conn.execute(insert(table), values)
 
 
 def _mark(conn: Connection, table: Table, marks: list[dict]) -> None:
@@ -78,11 +91,12 @@ def publish_audit(stores: Stores) -> int:
         try:
             for table in AUDIT_TABLES:
                 pk = [c.name for c in table.primary_key.columns]
+                cleared: set[tuple] = set()
                 for rows in _changed(state, table):
                     if warehouse is None:
                         warehouse = stores.warehouse.connect()
                         warehouse.begin()
-                    _replace(warehouse, table, rows)
+                    _replace(warehouse, table, rows, cleared)
                     copied.setdefault(table, []).extend({**{k: r[k] for k in pk}, "audit_seq": r["audit_seq"]}
                                                         for r in rows)
             if warehouse is not None:

@@ -13,6 +13,8 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from itertools import groupby
+from numbers import Number
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,7 +26,7 @@ from sqlalchemy.engine import Engine
 from lead_sync.db.schema import attempts, deliveries, sync_runs
 from lead_sync.clock import as_utc, utcnow
 from lead_sync.events import DELIVERED, FAILED, PENDING, REJECTED, SKIPPED, STATUSES
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
 
 # How the statuses stack in the chart and are listed in tables, with their colours.
 STATUS_ORDER = (DELIVERED, SKIPPED, PENDING, REJECTED, FAILED)
@@ -429,6 +431,30 @@ def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:,.0f}"
 
 
+def figure_columns(rows: list[dict], columns: Iterable[str]) -> set[str]:
+    """The columns that hold a number (not yes/no) in some row: a table's narrow count columns."""
+    return {c for c in columns if any(isinstance(r.get(c), Number) and not isinstance(r.get(c), bool) for r in rows)}
+
+
+def day_spans(days: Iterable[date]) -> str:
+    """Days in order, consecutive ones (the same ordinal less position) as 'first - last', separated by commas."""
+    spans = [[d for _, d in run] for _, run in groupby(enumerate(sorted(set(days))), lambda p: p[1].toordinal() - p[0])]
+    return ", ".join(str(s[0]) if len(s) == 1 else f"{s[0]} - {s[-1]}" for s in spans)
+
+
+def fold_empty_days(rows: list[dict]) -> tuple[list[dict], list[date], dict[str, str]]:
+    """Reconciliation rows less the days where every figure of every row (source rows, events per status,
+    repeats, ...) is 0; those days; and the spans of them each run read. Rows without a day are kept."""
+    figures = figure_columns(rows, {c for row in rows for c in row})
+    busy = {row.get("partition_date") for row in rows if any(row.get(c) for c in figures)} | {None}
+    folded = [row for row in rows if row.get("partition_date") not in busy]
+    read_by: dict[str, list[date]] = defaultdict(list)
+    for row in folded:
+        read_by[row.get("read_by_run")].append(row["partition_date"])
+    return ([row for row in rows if row.get("partition_date") in busy], sorted({r["partition_date"] for r in folded}),
+            {run: day_spans(days) for run, days in read_by.items() if run is not None})
+
+
 _ENV: Environment | None = None
 
 
@@ -440,6 +466,8 @@ def _env() -> Environment:
                           trim_blocks=True, lstrip_blocks=True)
         env.filters["v"] = _format_value
         env.filters["ms"] = _ms
+        # Column names may break after their underscores, so narrow columns keep narrow headers.
+        env.filters["name"] = lambda name: Markup("_<wbr>").join(Markup.escape(p) for p in str(name).split("_"))
         env.filters["n"] = lambda value: "" if value is None else f"{value:,}"
         env.globals.update(STATUS_ORDER=STATUS_ORDER, STATUS_COLORS=STATUS_COLORS)
         _ENV = env
@@ -454,8 +482,12 @@ def render_html(data: ReportData, *, title: str = "Lead deliveries", base_path: 
     """
     days = sorted(data.daily)
     statuses = [s for s in STATUS_ORDER if data.totals.get(s)] or [DELIVERED]
+    reconciliation, empty_days, empty_read_by = fold_empty_days(data.reconciliation or [])
     return _env().get_template("report.html").render(
         title=title, data=data, base_path=base_path.rstrip("/"), days=days, statuses=statuses,
+        run_figures=figure_columns(data.runs, data.run_columns), reconciliation=reconciliation,
+        reconciliation_figures=figure_columns(data.reconciliation or [], data.reconciliation_columns),
+        empty_days=empty_days, empty_spans=day_spans(empty_days), empty_read_by=empty_read_by,
         deliveries_chart=deliveries_chart(data.daily, data.since, data.generated_at.date()),
         latency_chart=latency_chart(data.latency_daily, data.since, data.generated_at.date()),
     )

@@ -3,10 +3,11 @@
 SQLAlchemy runs an UPDATE with a list of parameter sets as the driver's executemany, which
 psycopg2 sends to PostgreSQL one row at a time: a round trip per row. On PostgreSQL the rows
 go instead as one array per parameter, joined to the table with `unnest` (`UPDATE ... FROM
-unnest(...) AS v(...)`): one statement, one round trip. Inserts go the same way (`INSERT ...
-SELECT FROM unnest(...)`): SQLAlchemy's own multi-row VALUES costs Python work per row and per
-value, the arrays are adapted by the driver in C. Elsewhere (SQLite, in process) the
-executemany is kept, but for an update that must say which rows it changed: a statement per row.
+unnest(...) AS v(...)`): one statement, one round trip. New rows go with COPY through psycopg2
+(see pg_copy), with `INSERT ... SELECT FROM unnest(...)` through other PostgreSQL drivers:
+SQLAlchemy's own multi-row VALUES costs Python work per row and per value, the arrays are
+adapted by the driver in C. Elsewhere (SQLite, in process) the executemany is kept, but for an
+update that must say which rows it changed: a statement per row.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeEngine
+
+from lead_sync.db.pg_copy import copies, copy_in
 
 # A row's parameter by name: a bound parameter (executemany) or a column of the unnested arrays.
 Ref = Callable[[str], ColumnElement]
@@ -30,16 +33,21 @@ def unnested(types: Mapping[str, TypeEngine], rows: Sequence[Mapping]):
             .render_derived(name="v"))
 
 
-def insert_each(conn: Connection, table: Table, rows: Sequence[Mapping]) -> None:
-    """Insert `rows` (dicts with the same keys, named for the table's columns), in one statement on PostgreSQL."""
+def insert_rows(conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """Insert `rows`, each a tuple of the values of `columns`: COPY on PostgreSQL through psycopg2,
+    one INSERT ... SELECT FROM unnest on PostgreSQL otherwise, executemany elsewhere. Where COPY
+    is used (pg_copy.copies), values may be given as their COPY text already."""
     if not rows:
         return
-    if conn.dialect.name != "postgresql":
-        conn.execute(insert(table), list(rows))
+    if copies(conn):
+        copy_in(conn, table.name, columns, rows)
         return
-    names = list(rows[0])
-    source = unnested({name: table.c[name].type for name in names}, rows)
-    conn.execute(insert(table).from_select(names, select(*(source.c[name] for name in names))))
+    named = [dict(zip(columns, row)) for row in rows]
+    if conn.dialect.name != "postgresql":
+        conn.execute(insert(table), named)
+        return
+    source = unnested({name: table.c[name].type for name in columns}, named)
+    conn.execute(insert(table).from_select(list(columns), select(*(source.c[name] for name in columns))))
 
 
 def update_each(conn: Connection, table: Table, types: Mapping[str, TypeEngine], rows: Sequence[Mapping],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Iterable
 
 from sqlalchemy import (
     BigInteger,
@@ -214,10 +215,10 @@ Index("ix_lead_event_rate_slots_bucket", rate_slots.c.bucket, rate_slots.c.grant
 AUDIT_TABLES = (deliveries, attempts, sync_runs, source_reads, dry_run_events, send_batches)
 
 
-def _complete(engine: Engine, tables) -> bool:
+def _complete(engine: Engine, tables: list[Table]) -> bool:
     """Whether every table, column, index and view is there, read in a few catalog queries
-    (the usual case: a send or a grant checks on every start, and reflecting table by table
-    costs tens of milliseconds on PostgreSQL)."""
+    (the usual case: every task checks at its start, and reflecting table by table costs tens
+    of milliseconds on PostgreSQL)."""
     found = inspect(engine)
     names = [t.name for t in tables]
     columns = {key[1]: {c["name"] for c in cols} for key, cols in found.get_multi_columns(filter_names=names).items()}
@@ -228,7 +229,7 @@ def _complete(engine: Engine, tables) -> bool:
             and set(VIEWS) <= set(found.get_view_names()))
 
 
-def _add_missing_columns(engine: Engine, tables) -> None:
+def _add_missing_columns(engine: Engine, tables: list[Table]) -> None:
     """Tables made by an earlier version get the columns and indexes added since (all nullable)."""
     found = inspect(engine)
     for table in tables:
@@ -268,9 +269,10 @@ def drop_schema(engine: Engine) -> None:
     metadata.drop_all(engine)
 
 
-def ensure_schema(engine: Engine, tables=None) -> None:
+def ensure_schema(engine: Engine, tables: Iterable[Table] | None = None) -> None:
     """Create whatever table (of `tables`, default all), column, index or view is missing; safe
-    when several tasks race to do it."""
+    when several tasks race to do it, and only catalog reads when nothing is. The pipeline calls it
+    through `lead_sync.db.stores.ensure_stores`, which knows which tables each store keeps."""
     tables = list(tables or metadata.sorted_tables)
     if _complete(engine, tables):
         return

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from lead_sync.db.schema import AUDIT_TABLES, SQL_DIR, ensure_schema
-from lead_sync.read.sources import prepare_engine
+from lead_sync.db.engines import prepare_engine
 
 
 class StateStoreError(ValueError):
@@ -57,13 +57,19 @@ def open_stores(warehouse: Engine, state: Engine | None, state_name: str = "lead
     return Stores(warehouse, state)
 
 
-def ensure_stores(stores: Stores) -> None:
+def ensure_stores(stores: Engine | Stores) -> None:
     """Create what is missing: every table in the state store (with its change marks when it is
-    separate), and the audit tables and views in the warehouse."""
+    separate), and the audit tables and views in the warehouse. Each task calls it once, before
+    its stage; it only reads the catalogs when everything is there already."""
+    stores = as_stores(stores)
     ensure_schema(stores.state)
     if not stores.separate:
         return
     ensure_schema(stores.warehouse, tables=AUDIT_TABLES)
+    # Only when some mark is missing: CREATE OR REPLACE TRIGGER locks its table against the
+    # senders writing it. (A change to state_store.sql must also change what _marked checks.)
+    if _marked(stores.state):
+        return
     per_table = (SQL_DIR / "state_store_table.sql").read_text(encoding="utf-8")
     with stores.state.begin() as conn:
         # One creator at a time: CREATE OR REPLACE of one trigger by two sessions can collide.
@@ -71,3 +77,20 @@ def ensure_stores(stores: Stores) -> None:
         conn.exec_driver_sql((SQL_DIR / "state_store.sql").read_text(encoding="utf-8"))
         for table in AUDIT_TABLES:
             conn.exec_driver_sql(per_table.replace("{table}", table.name))
+
+
+def _marked(state: Engine) -> bool:
+    """Whether every audit table of the state store has its change marks: the two columns, the
+    index of unpublished rows and the trigger (see sql/state_store_table.sql)."""
+    names = [t.name for t in AUDIT_TABLES]
+    with state.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT (SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+            "         WHERE c.relname = ANY(:tables) AND pg_table_is_visible(c.oid) AND NOT a.attisdropped"
+            "           AND a.attname IN ('audit_seq', 'published_seq')) = 2 * :n"
+            "   AND (SELECT count(*) FROM pg_class i"
+            "         WHERE i.relname = ANY(:indexes) AND i.relkind = 'i' AND pg_table_is_visible(i.oid)) = :n"
+            "   AND (SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            "         WHERE c.relname = ANY(:tables) AND pg_table_is_visible(c.oid)"
+            "           AND t.tgname = c.relname || '_changed') = :n"),
+            {"tables": names, "indexes": [f"ix_{n}_unpublished" for n in names], "n": len(names)}).scalar())

@@ -16,7 +16,7 @@ from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_,
 from sqlalchemy.engine import Connection, Engine
 
 from lead_sync.db.schema import attempts, deliveries, outbox
-from lead_sync.db.bulk import Ref, unnested, insert_each, update_each
+from lead_sync.db.bulk import Ref, unnested, insert_rows, update_each
 from lead_sync.clock import as_utc, utcnow
 from lead_sync.events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, EVENT_ONE, PENDING, REJECTED
 from lead_sync.delivery.retry import UNKNOWN
@@ -98,12 +98,6 @@ def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
                    for confirms in (False, True))
 
 
-def outbox_body(engine: Engine, key: str) -> dict | None:
-    """The body to send of one event (a read: nothing is committed)."""
-    with engine.connect() as conn:
-        return _bodies(conn, [key]).get(key)
-
-
 def _bodies(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
     """The bodies to send of these events, in one query per CHUNK keys."""
     found: dict[str, dict] = {}
@@ -154,19 +148,6 @@ _RETURNED = (deliveries.c.event_key, deliveries.c.attempts, deliveries.c.retry_s
 
 def _claims(rows) -> list[Claim]:
     return [Claim(r.attempts, as_utc(r.retry_since), r.event_key, r.tracking, as_utc(r.event_time)) for r in rows]
-
-
-def claim(engine: Engine, key: str, run_id: str, lease_seconds: float, sender: str | None = None,
-          now: datetime | None = None) -> Claim | None:
-    """Take a pending event for one request; None if another sender has it, it closed, or it is
-    not due."""
-    now = now or utcnow()
-    with engine.begin() as conn:
-        row = conn.execute(
-            update(deliveries).where(deliveries.c.event_key == key, _free(now, sender))
-            .values(**_claiming(run_id, lease_seconds, now, sender)).returning(*_RETURNED)
-        ).first()
-    return None if row is None else _claims([row])[0]
 
 
 @dataclass
@@ -321,10 +302,10 @@ def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None
     else:
         conn.execute(delete(attempts).where(a.event_key == bindparam("b_key"), a.attempt == bindparam("b_attempt")),
                      [{"b_key": key, "b_attempt": attempt} for key, attempt in pairs])
-    insert_each(conn, attempts, [
-        dict(event_key=i.event_key, attempt=i.attempt, run_id=run_id, sent_at=i.sent_at,
-             http_status=i.outcome.http_status, latency_ms=i.outcome.latency_ms, outcome=i.outcome.outcome,
-             error=i.outcome.error) for i in items])
+    insert_rows(conn, attempts, ("event_key", "attempt", "run_id", "sent_at", "http_status", "latency_ms",
+                                 "outcome", "error"), [
+        (i.event_key, i.attempt, run_id, i.sent_at, i.outcome.http_status, i.outcome.latency_ms, i.outcome.outcome,
+         i.outcome.error) for i in items])
     # Only the bodies of events closed now or before: one another sender has taken again stays sendable.
     done = sorted({i.event_key for i in closed if i.outcome.status in (DELIVERED, REJECTED)})
     for start in range(0, len(done), CHUNK):
@@ -403,11 +384,6 @@ def recover_abandoned(engine: Engine, run_id: str, now: datetime | None = None) 
                         reason="an earlier request's outcome is unknown (sender stopped); sent again")
             )
     return len(rows)
-
-
-def next_lease_expiry(engine: Engine, taken_before: datetime | None = None) -> datetime | None:
-    """When the first lease on a pending event runs out; only leases taken before `taken_before`, when given."""
-    return lease_expiries(engine, taken_before)[0]
 
 
 def lease_expiries(engine: Engine, taken_before: datetime | None = None) -> tuple[datetime | None, datetime | None]:

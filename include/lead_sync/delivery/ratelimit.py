@@ -23,7 +23,6 @@ request counts from its grant, and the API may have counted it up to that wait l
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -32,7 +31,7 @@ from sqlalchemy import Float, Integer, String, case, delete, func, insert, liter
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from lead_sync.db.schema import ensure_schema, rate_buckets, rate_slots
+from lead_sync.db.schema import rate_buckets, rate_slots
 from lead_sync.db.bulk import update_each
 
 WINDOW_SECONDS = 60.0
@@ -72,13 +71,8 @@ class SharedRateLimiter:
         self.window = WINDOW_SECONDS + margin_seconds
         self.clock = clock
         self.sleep = sleep
-        self._last = threading.local()  # id of the slot granted last, per thread
         if per_minute:
-            self._ensure_bucket()
-
-    def _ensure_bucket(self) -> None:
-        ensure_schema(self.engine)  # a send may come before anything else created the tables
-        self._create_bucket()
+            self._create_bucket()  # the tables are there: the send task ensured them (ensure_stores)
 
     def _create_bucket(self) -> None:
         with self.engine.connect() as conn:
@@ -89,33 +83,6 @@ class SharedRateLimiter:
                 conn.execute(insert(rate_buckets).values(bucket=self.bucket, touched_at=self.clock()))
         except IntegrityError:
             pass  # another sender created it first
-
-    # --- one slot at a time --------------------------------------------------------------------
-
-    def try_acquire(self) -> float:
-        """Take a slot if one is free: returns 0.0, else the seconds until one frees."""
-        if not self.per_minute:
-            return 0.0
-        self._last.slot = None
-        granted, wait = self.try_acquire_many(1)
-        if granted:
-            self._last.slot = granted[0].slot
-            return 0.0
-        return wait
-
-    def acquire(self, deadline: float | None = None) -> bool:
-        """Wait for a slot; False if none frees before `deadline` (a clock() value)."""
-        granted = self.acquire_many(1, deadline)
-        self._last.slot = granted[0].slot if granted else None
-        return bool(granted)
-
-    def release(self) -> None:
-        """Give back the slot granted last, when no request was sent with it (the event was taken meanwhile)."""
-        slot, self._last.slot = getattr(self._last, "slot", None), None
-        if slot is not None:
-            self.give_back([slot])
-
-    # --- several slots per transaction -----------------------------------------------------------
 
     def try_acquire_many(self, count: int) -> tuple[list[Grant], float]:
         """Take up to `count` free slots in one transaction. Returns them, and when none was free,
