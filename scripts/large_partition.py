@@ -167,9 +167,10 @@ def last_run(engine) -> dict:
 
 class Sampler:
     """Every 0.1 s, the summed RSS of a process and all its descendants (its peak); every 0.5 s,
-    the CPU seconds of the PostgreSQL backends serving `database`, when they run on this machine
-    (the last half second of a backend that ends is missed). Unlike wall seconds on a busy
-    machine, CPU seconds say what the run itself cost, in the task and in the database."""
+    the CPU seconds of the PostgreSQL backends serving `database` (its autovacuum workers too),
+    when they run on this machine (the last half second of a backend that ends is missed).
+    Unlike wall seconds on a busy machine, CPU seconds say what the run itself cost, in the task
+    and in the database."""
 
     def __init__(self, pid: int, database: str | None) -> None:
         self.root = psutil.Process(pid)

@@ -25,6 +25,11 @@ from sqlalchemy import create_engine  # noqa: E402
 from cutmeshort_sandbox import SandboxServer  # noqa: E402
 
 from tests.support import TOKEN, Warehouse, drop_pg_database, new_pg_database, pg_database, pg_url  # noqa: E402
+from tests.support.clock import FakeClock  # noqa: E402
+from tests.support.vendor import assert_vendor_schema  # noqa: E402
+
+# Fixtures of their own modules, for tests in several folders: headless Chromium, mail and webhook servers.
+pytest_plugins = ["tests.support.browser", "tests.support.inboxes"]
 
 
 @pytest.fixture(scope="session")
@@ -63,15 +68,28 @@ def warehouse(request):
     return request.getfixturevalue(f"{request.param}_warehouse")
 
 
-def assert_vendor_schema(bodies: list) -> None:
-    """Contract check: every body sent validates against the vendor SDK's own model, nulls omitted."""
-    from cutmeshort.models.lead_payload import LeadPayload
+@pytest.fixture(params=["sqlite", pytest.param("psycopg2", marks=pytest.mark.postgres),
+                        pytest.param("psycopg", marks=pytest.mark.postgres)],
+                ids=["sqlite", "postgres", "postgres-psycopg"])
+def engine(request):
+    """An engine per way of writing: SQLite, PostgreSQL with COPY (psycopg2) and without (psycopg)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_warehouse").engine
+        return
+    warehouse = request.getfixturevalue("pg_warehouse")
+    if request.param == "psycopg2":
+        yield warehouse.engine
+        return
+    other = create_engine(warehouse.url.set(drivername="postgresql+psycopg"))
+    yield other
+    other.dispose()
 
-    for body in bodies:
-        assert isinstance(body, dict), body
-        assert None not in body.values(), body
-        model = LeadPayload.model_validate(body)
-        assert model.to_dict().keys() == body.keys(), body  # no field the vendor does not know
+
+@pytest.fixture(autouse=True)
+def fake_time_starts_now():
+    """Each test's FakeClocks start from the real time (a test's waits move only its own time)."""
+    FakeClock.latest = 0.0
+    yield
 
 
 @pytest.fixture

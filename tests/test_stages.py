@@ -18,7 +18,10 @@ from lead_sync.delivery.retry import RetryPolicy
 from lead_sync.db.engines import prepare_engine
 
 from tests.support import TOKEN
-from tests.delivery.test_sender import DAY, FakeClock, row, seed, sending, sent, signup, verification
+from tests.support.audit import row
+from tests.support.clock import FakeClock
+from tests.support.seeding import DAY, seed, signup, verification
+from tests.support.sending import sending, sent
 
 
 def _batch_rows(wh, run_id: str) -> list[dict]:

@@ -13,6 +13,10 @@ from lead_sync.db.engines import prepare_engine
 from lead_sync.db.stores import Stores, open_stores
 
 STATE_CONN_ID = "lead_sync_state"
+# The core's bulk paths on PostgreSQL (COPY, server-side cursors) are psycopg2's. The postgres
+# provider builds psycopg 3 engines when that is installed, on which the core takes its generic
+# paths instead (SQLAlchemy's INSERTs, a join per batch of keys): about twice the CPU for a large partition.
+POSTGRES_SCHEME = "postgresql+psycopg2"
 
 
 def warehouse_engine(conn_id: str = "warehouse_default") -> Engine:
@@ -21,7 +25,10 @@ def warehouse_engine(conn_id: str = "warehouse_default") -> Engine:
 
 
 def _sql_engine(conn, conn_id: str) -> Engine:
-    hook = conn.get_hook()
+    hook_params = None
+    if conn.conn_type == "postgres" and not conn.extra_dejson.get("sqlalchemy_scheme"):
+        hook_params = {"sqlalchemy_scheme": POSTGRES_SCHEME}  # one that names a driver keeps it
+    hook = conn.get_hook(hook_params=hook_params)
     if not hasattr(hook, "get_sqlalchemy_engine"):
         raise ValueError(f"connection {conn_id!r} is not a SQL connection with a SQLAlchemy engine")
     # SQL errors never print their bound parameters: outbox bodies hold names and e-mails.

@@ -6,18 +6,12 @@ standing in for the Slack webhook, both on 127.0.0.1, through Airflow connection
 """
 from __future__ import annotations
 
-import email
 import json
 import logging
-import socket
-import threading
 from datetime import date, datetime, timedelta, timezone
-from email import policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import airflow  # noqa: F401  (puts the plugins folder on sys.path)
 import pytest
-from aiosmtpd.controller import Controller
 from sqlalchemy import insert, select, update
 
 from lead_sync.audit import alerts
@@ -26,6 +20,9 @@ from lead_sync.db.schema import deliveries
 from lead_sync.db.stores import ensure_stores
 from lead_sync.read.config import AlertsConfig
 from lead_sync_airflow import notify
+
+from tests.support.inboxes import smtp_conn
+from tests.support.processes import free_port
 
 NOW = datetime(2024, 5, 2, 6, 0, tzinfo=timezone.utc)
 DAY = date(2024, 5, 1)
@@ -203,82 +200,6 @@ def test_an_address_quoted_in_a_reason_is_masked(engine):
 
 
 # --- delivery: real SMTP and webhook servers -----------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], bytes]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd's name)
-        self.messages.append((list(envelope.rcpt_tos), envelope.content))
-        return "250 Message accepted for delivery"
-
-    def parsed(self) -> list[tuple[list[str], str, str, str]]:
-        """(recipients, subject, decoded body, raw message) per mail."""
-        out = []
-        for rcpts, raw in self.messages:
-            msg = email.message_from_bytes(raw, policy=policy.default)
-            body = "".join(part.get_content() for part in msg.walk() if part.get_content_maintype() == "text")
-            out.append((rcpts, str(msg["Subject"]), body, raw.decode("utf-8", "replace")))
-        return out
-
-
-@pytest.fixture
-def smtp_server():
-    inbox, port = Inbox(), free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield inbox, port
-    controller.stop()
-
-
-class Webhook:
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, str]] = []
-        self.status = 200
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
-                hook.posts.append((self.path, body))
-                answer = b"ok" if hook.status == 200 else b"invalid_payload"
-                self.send_response(hook.status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def texts(self) -> list[str]:
-        return [json.loads(body)["text"] for _, body in self.posts]
-
-
-@pytest.fixture
-def webhook():
-    hook = Webhook()
-    hook.thread.start()
-    yield hook
-    hook.server.shutdown()
-    hook.server.server_close()
-
-
-def smtp_conn(port: int) -> str:
-    return json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
-                       "extra": {"disable_tls": True, "disable_ssl": True, "from_email": "airflow@example.com",
-                                 "timeout": 5, "retry_limit": 0}})
-
 
 @pytest.fixture
 def connections(monkeypatch, webhook):

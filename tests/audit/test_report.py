@@ -2,15 +2,12 @@
 sandbox, on SQLite and PostgreSQL; no PII in it; and looked at in headless Chromium as a person would."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 from datetime import datetime, timedelta
 from html.parser import HTMLParser
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -20,6 +17,7 @@ from lead_sync import stages
 from lead_sync.audit import runs
 from lead_sync.db.stores import ensure_stores
 from lead_sync.audit import report
+from lead_sync.audit.charts import STATUS_COLORS
 from lead_sync.db.schema import deliveries
 from lead_sync.clock import utcnow
 from lead_sync.read.config import load_config
@@ -27,6 +25,7 @@ from lead_sync.read.partition import Partition
 from lead_sync.delivery.settings import ApiSettings, ApiTarget
 
 from tests.support import ROOT, TOKEN, signups, verifications
+from tests.support.browser import headless
 
 DAY = utcnow().date() - timedelta(days=1)  # yesterday: inside the script's default 30-day window
 PARTITION = Partition(DAY, ZoneInfo("UTC"))
@@ -200,27 +199,6 @@ def test_script_refuses_a_warehouse_without_audit(warehouse, tmp_path):
 
 # --- as a person would see it: headless Chromium -----------------------------------------------
 
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed here when missing (the machine is root, Debian's registry is reachable)."""
-    binary = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(binary).exists():
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-            subprocess.run(install, env=env, capture_output=True)
-    if not Path(binary).exists():
-        pytest.fail("headless Chromium is needed: apt-get install -y chromium chromium-driver")
-    return binary
-
-
-def headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=90)
-
-
 class Node:
     def __init__(self, tag: str, attrs: dict, parent: Node | None) -> None:
         self.tag, self.attrs, self.parent, self.children, self.texts = tag, attrs, parent, [], []
@@ -312,5 +290,5 @@ def test_report_in_a_browser(sqlite_warehouse, sandbox, tmp_path, chromium):
     pixels = Image.open(shot).convert("RGB")
     colours = {colour for _, colour in pixels.getcolors(maxcolors=1 << 20)}
     for status in ("delivered", "rejected", "pending"):  # the chart's bars were painted
-        hexa = report.STATUS_COLORS[status]
+        hexa = STATUS_COLORS[status]
         assert tuple(int(hexa[i:i + 2], 16) for i in (1, 3, 5)) in colours, status

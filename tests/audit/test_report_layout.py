@@ -20,8 +20,8 @@ from lead_sync.delivery.settings import ApiSettings, ApiTarget
 from lead_sync.read.config import load_config
 from lead_sync.read.partition import Partition
 
-from tests.audit.test_report import chromium, headless  # noqa: F401 (chromium: the fixture)
 from tests.support import TOKEN, signups, verifications
+from tests.support.browser import headless
 
 WIDTH, HEIGHT = 1280, 900
 LOOKBACK = 30  # the report's default window too: every day of it is read

@@ -1,11 +1,14 @@
 """The DAG files: import cleanly, declare the contract's schedule, params and wiring."""
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 
 import pendulum
 import pytest
 from airflow.dag_processing.dagbag import DagBag
+
+from lead_sync.read.config import MAX_TIME_BUDGET_SECONDS, load_config
 
 from tests.support import ROOT
 
@@ -102,7 +105,8 @@ def _no_restriction(earliest=None):
 def test_params(dag):
     from airflow.sdk.exceptions import ParamValidationError
 
-    assert dag.params["time_budget_seconds"] == 3300
+    documented = re.search(r"`time_budget_seconds` \(default (\d+)\)", (ROOT / "README.md").read_text())
+    assert documented and dag.params["time_budget_seconds"] == int(documented.group(1)), "the README's default"
     partition = dag.params.get_param("partition_date")
     assert partition.resolve(None) is None
     assert partition.resolve("2026-11-27") == "2026-11-27"
@@ -110,12 +114,20 @@ def test_params(dag):
         partition.resolve("27/11/2026")
 
 
-@pytest.mark.parametrize("dag_id, default", [("lead_events_sync", 3300), ("lead_events_drain", 1200)])
-def test_time_budget_param_has_a_limit(bag, dag_id, default):
+@pytest.mark.parametrize("dag_id", ["lead_events_sync", "lead_events_drain"])
+def test_time_budget_param_has_a_limit(bag, dag_id):
     from airflow.sdk.exceptions import ParamValidationError
 
     budget = bag.dags[dag_id].params.get_param("time_budget_seconds")
-    assert budget.resolve() == default and budget.resolve(86_400) == 86_400
-    for absurd in (86_401, 10**12, 0):
+    assert 0 < budget.resolve() <= MAX_TIME_BUDGET_SECONDS
+    assert budget.resolve(MAX_TIME_BUDGET_SECONDS) == MAX_TIME_BUDGET_SECONDS
+    for absurd in (MAX_TIME_BUDGET_SECONDS + 1, 10**12, 0):
         with pytest.raises(ParamValidationError):
             budget.resolve(absurd)
+
+
+def test_a_drain_run_sends_at_least_until_the_next_one_starts(bag):
+    """The whole daily allowance (contract section 8): with a budget shorter than its interval, the
+    drain would leave minutes of each interval unsent."""
+    budget = bag.dags["lead_events_drain"].params.get_param("time_budget_seconds").resolve()
+    assert budget >= load_config().drain_interval_minutes * 60

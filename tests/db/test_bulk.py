@@ -7,7 +7,7 @@ from datetime import date, datetime, timezone
 
 import pytest
 from sqlalchemy import (
-    Boolean, Column, Date, DateTime, Integer, MetaData, String, Table, Text, create_engine, func, select, text,
+    Boolean, Column, Date, DateTime, Integer, MetaData, String, Table, Text, func, select, text,
 )
 
 from lead_sync.clock import as_utc
@@ -30,23 +30,6 @@ COLUMNS = ("key", "label", "n", "flag", "day", "at")
 AT = datetime(2026, 11, 27, 10, 11, 12, 123456, tzinfo=timezone.utc)
 AWKWARD = ["tab\there", "new\nline", "carriage\rreturn", "back\\slash", "\\N", "\\", "", "Zoë 🙂 ünïcode",
            "  spaced  ", "end\\", "\t\n\\N\r"]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("psycopg2", marks=pytest.mark.postgres),
-                        pytest.param("psycopg", marks=pytest.mark.postgres)],
-                ids=["sqlite", "postgres", "postgres-psycopg"])
-def engine(request):
-    """An engine per way of writing: SQLite, PostgreSQL with COPY (psycopg2) and without (psycopg)."""
-    if request.param == "sqlite":
-        yield request.getfixturevalue("sqlite_warehouse").engine
-        return
-    warehouse = request.getfixturevalue("pg_warehouse")
-    if request.param == "psycopg2":
-        yield warehouse.engine
-        return
-    other = create_engine(warehouse.url.set(drivername="postgresql+psycopg"))
-    yield other
-    other.dispose()
 
 
 def rows_of(engine) -> list[tuple]:

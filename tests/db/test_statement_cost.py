@@ -19,7 +19,8 @@ from lead_sync.db.engines import prepare_engine
 
 from tests.support.processes import wait_for
 from tests.support import TOKEN, pg_url, signups, verifications
-from tests.delivery.test_sender import PARTITION, FakeClock, fake_time_starts_now, new_run_id  # noqa: F401
+from tests.support.clock import FakeClock
+from tests.support.seeding import PARTITION, new_run_id
 
 pytestmark = pytest.mark.postgres
 
@@ -87,7 +88,7 @@ def test_at_full_speed_at_most_a_tenth_of_a_transaction_per_delivered_event(pg_w
         clock = FakeClock()
         with SandboxServer(host="127.0.0.1", port=0, token=TOKEN, rate_limit_per_minute=None) as sandbox:
             with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=5.0) as client:
-                limiter = SharedRateLimiter(engine, "cost-bucket", per_minute, clock=clock, sleep=clock.sleep)
+                limiter = SharedRateLimiter(engine, "cost-bucket", per_minute, clock=clock)
                 report = stages.send_open_events(engine, client, limiter, RetryPolicy(3, 0.05, 0.5), new_run_id(),
                                                    600, "cutmeshort_default", clock=clock, sleep=clock.sleep)
             assert sandbox.stats()["by_status"] == {"200": total}

@@ -21,7 +21,7 @@ from lead_sync.db.stores import StateStoreError, Stores, ensure_stores, open_sto
 from tests.support.dagrun import run_dag
 from tests.support import (TOKEN, Warehouse, allow_connections, pg_commits, pg_database, pg_url, signups,
                      verifications)
-from tests.delivery.test_sender import DAY, PARTITION, signup, verification
+from tests.support.seeding import DAY, PARTITION, signup, verification
 
 RUN = "manual__state_store"
 

@@ -9,7 +9,6 @@ from sqlalchemy.dialects.mysql.mariadb import MariaDBDialect
 
 from lead_sync.db.upsert import UnsupportedDialect, upsert
 
-from tests.db.test_bulk import engine  # noqa: F401 - a fixture: SQLite, PostgreSQL through psycopg2 and psycopg
 
 metadata = MetaData()
 tally = Table(

@@ -16,9 +16,9 @@ from lead_sync.delivery.claims import Claim, Outcome, Settled
 from lead_sync.read.config import load_config
 
 from tests.support import signups
-from tests.delivery.test_sender import (  # noqa: F401 - fake_time_starts_now: a fixture
-    PARTITION, _age, fake_time_starts_now, new_run_id, outbox_body, row, seed, sending, signup, verification,
-)
+from tests.support.audit import age_event, outbox_body, row
+from tests.support.seeding import PARTITION, new_run_id, seed, signup, verification
+from tests.support.sending import sending
 
 LEASE = 60.0
 
@@ -331,7 +331,7 @@ def test_has_sendable_only_when_a_sender_would_send(warehouse, sandbox):
         assert sender.run().left_open == 1
     assert not claims.has_sendable(warehouse.engine)
     # Due again: work. Then leased by a live sender: no work for another; lease run out: work (recovery).
-    _age(warehouse, 5, next_attempt_at=0.01)
+    age_event(warehouse, 5, next_attempt_at=0.01)
     assert claims.has_sendable(warehouse.engine)
     key = row(warehouse, 5)["event_key"]
     assert claims.claim_many(warehouse.engine, "other_sender", 60, now(), keys=[key]).claims

@@ -18,10 +18,7 @@ import pytest
 from lead_sync.delivery.client import CutMeShortClient, InsecureEndpointError, check_base_url, parse_retry_after
 from lead_sync.delivery.retry import CREDENTIALS, RETRY, classify, describe
 
-from tests.support import TOKEN
-
-LEAD = {"eventName": "signup_started", "customerExternalId": "42", "clickId": "click-42",
-        "timestamp": "2026-11-27T08:00:00Z"}
+from tests.support import LEAD, TOKEN
 
 
 def lead(n: int) -> dict:

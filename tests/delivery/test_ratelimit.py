@@ -15,31 +15,34 @@ from lead_sync.delivery.ratelimit import MARGIN_SECONDS, SharedRateLimiter, buck
 from lead_sync.db.engines import prepare_engine
 
 from tests.support import TOKEN
+from tests.support.clock import FakeClock
 
 WINDOW = 60.0
 FREES = WINDOW + MARGIN_SECONDS  # a slot frees this long after its stamp
 
 
-class FakeClock:
-    """Epoch seconds moved by hand; `sleep` moves it, so a minute costs nothing."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert 0 < seconds <= 62, seconds  # never more than a window (plus margin), never busy-looping
-        self.sleeps.append(seconds)
-        self.now += seconds
+def limiter_clock() -> FakeClock:
+    """Epoch seconds moved by hand, so a minute costs nothing. Its waits are never more than a window
+    (plus margin), and never nothing (busy-looping)."""
+    return FakeClock(1_800_000_000.0, longest_sleep=62, allow_zero_sleep=False)
 
 
 def limiter(wh, clock: FakeClock, per_minute: int | None, bucket: str = "bucket-a") -> SharedRateLimiter:
     prepare_engine(wh.engine)
     ensure_schema(wh.engine)  # as each task does first (tests/plugin/test_operators.py: the send task)
-    return SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock, sleep=clock.sleep)
+    return SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock)
+
+
+def acquire(lim: SharedRateLimiter, count: int, deadline: float | None = None) -> list:
+    """As a sender takes slots (try_acquire_many, waiting what it says on the limiter's FakeClock):
+    at least one and up to `count`, or [] if none frees before `deadline`."""
+    while True:
+        granted, wait = lim.try_acquire_many(count)
+        if granted:
+            return granted
+        if deadline is not None and lim.clock() + wait > deadline:
+            return []
+        lim.clock.sleep(wait)
 
 
 def busiest_window(times: list[float], width: float = WINDOW) -> int:
@@ -58,14 +61,14 @@ def slot_count(engine, bucket: str) -> int:
 
 
 def test_never_more_than_n_grants_in_any_60s(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     lim = limiter(warehouse, clock, per_minute=5)
     rng = random.Random(7)
     grants = []
     started = clock.now
     for _ in range(60):
         clock.now += rng.choice([0.0, 0.0, 0.5, 3.0, 11.0, 29.0])  # bursts and pauses
-        assert len(lim.acquire_many(1)) == 1
+        assert len(acquire(lim, 1)) == 1
         grants.append(clock.now)
     assert busiest_window(grants) == 5  # the limit is reached, never passed
     # ...and not by starving: each wait ends exactly when the oldest slot of the window frees.
@@ -76,7 +79,7 @@ def test_never_more_than_n_grants_in_any_60s(warehouse):
 
 
 def test_a_full_window_makes_the_next_grant_wait_for_the_oldest_slot(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     lim = limiter(warehouse, clock, per_minute=3)
     first = clock.now
     for step in range(3):
@@ -85,21 +88,21 @@ def test_a_full_window_makes_the_next_grant_wait_for_the_oldest_slot(warehouse):
     # 3 grants at +0, +10, +20; now +30: the first slot frees a window (60 s and the margin) after +0.
     assert lim.try_acquire_many(1) == ([], pytest.approx(first + FREES - clock.now))
     assert slot_count(warehouse.engine, "bucket-a") == 3
-    assert len(lim.acquire_many(1)) == 1
+    assert len(acquire(lim, 1)) == 1
     assert clock.sleeps == [pytest.approx(FREES - 30)]
     assert clock.now == pytest.approx(first + FREES)
 
 
 def test_acquire_grants_nothing_when_the_deadline_is_too_near(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     lim = limiter(warehouse, clock, per_minute=2)
-    assert len(lim.acquire_many(1, deadline=clock.now + 5) + lim.acquire_many(1, deadline=clock.now + 5)) == 2
+    assert len(acquire(lim, 1, deadline=clock.now + 5) + acquire(lim, 1, deadline=clock.now + 5)) == 2
     start = clock.now
-    assert lim.acquire_many(1, deadline=start + 30) == []
-    assert lim.acquire_many(1, deadline=start + FREES - 0.1) == []
+    assert acquire(lim, 1, deadline=start + 30) == []
+    assert acquire(lim, 1, deadline=start + FREES - 0.1) == []
     assert clock.sleeps == [] and clock.now == start  # gave up at once, without waiting
     assert slot_count(warehouse.engine, "bucket-a") == 2
-    assert len(lim.acquire_many(1, deadline=start + FREES + 0.5)) == 1  # both slots free a window later
+    assert len(acquire(lim, 1, deadline=start + FREES + 0.5)) == 1  # both slots free a window later
     assert clock.sleeps == [pytest.approx(FREES)]
     assert slot_count(warehouse.engine, "bucket-a") == 1
 
@@ -107,7 +110,7 @@ def test_acquire_grants_nothing_when_the_deadline_is_too_near(warehouse):
 # --- several slots per transaction (a sender with many requests in flight) --------------------
 
 def test_a_block_grants_what_is_free_in_one_go_and_gives_back_what_was_not_used(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     lim = limiter(warehouse, clock, per_minute=5)
     granted, wait = lim.try_acquire_many(3)
     assert wait == 0.0 and len(granted) == 3 and {g.granted_at for g in granted} == {clock.now}
@@ -119,14 +122,14 @@ def test_a_block_grants_what_is_free_in_one_go_and_gives_back_what_was_not_used(
     assert none == [] and wait == pytest.approx(FREES - 5)
     lim.give_back([g.slot for g in more])  # never sent: free again at once
     assert slot_count(warehouse.engine, "bucket-a") == 3
-    assert [len(lim.try_acquire_many(4)[0]), len(lim.acquire_many(4, deadline=clock.now + 1))] == [2, 0]
+    assert [len(lim.try_acquire_many(4)[0]), len(acquire(lim, 4, deadline=clock.now + 1))] == [2, 0]
     assert clock.sleeps == []
-    # acquire_many waits for the oldest slots, then takes what freed.
-    assert len(lim.acquire_many(4)) == 3 and clock.sleeps == [pytest.approx(FREES - 5)]
+    # Waiting for the oldest slots, then taking what freed.
+    assert len(acquire(lim, 4)) == 3 and clock.sleeps == [pytest.approx(FREES - 5)]
 
 
 def test_a_slot_restamped_at_its_answer_frees_a_window_after_the_answer(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     lim = limiter(warehouse, clock, per_minute=2)
     (slow, quick), _ = lim.try_acquire_many(2)
     start = clock.now
@@ -143,8 +146,8 @@ def test_a_slot_restamped_at_its_answer_frees_a_window_after_the_answer(warehous
 
 
 def test_no_limit_grants_blocks_without_the_database(sqlite_warehouse):
-    clock = FakeClock()
-    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
+    clock = limiter_clock()
+    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock)
     granted, wait = lim.try_acquire_many(50)
     assert len(granted) == 50 and wait == 0.0 and {g.slot for g in granted} == {None}
     lim.give_back([g.slot for g in granted])
@@ -153,7 +156,7 @@ def test_no_limit_grants_blocks_without_the_database(sqlite_warehouse):
 
 
 def test_buckets_are_independent_and_named_without_the_token(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     one = limiter(warehouse, clock, 1, bucket=bucket_name("https://api.cme.sh", TOKEN))
     other = limiter(warehouse, clock, 1, bucket=bucket_name("https://api.cme.sh", "another-token"))
     assert one.bucket != other.bucket and TOKEN not in one.bucket
@@ -167,11 +170,11 @@ def test_spellings_of_one_endpoint_and_token_share_a_bucket():
     assert bucket_name(" https://API.cme.sh/ ", f"{TOKEN}\n") == one
     assert bucket_name("https://api.cme.sh", "another-token") != one
     assert bucket_name("https://sandbox.example.com", TOKEN) != one
-    assert len(one) == 32 and TOKEN not in one
+    assert TOKEN not in one and len(one) <= min(rate_buckets.c.bucket.type.length, rate_slots.c.bucket.type.length)
 
 
 def test_giving_back_frees_only_the_slots_given_back(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     one, other = limiter(warehouse, clock, 2), limiter(warehouse, clock, 2)
     (mine,), _ = one.try_acquire_many(1)
     (theirs,), _ = other.try_acquire_many(1)
@@ -188,15 +191,15 @@ def test_giving_back_frees_only_the_slots_given_back(warehouse):
 
 
 def test_no_limit_grants_without_touching_the_database(sqlite_warehouse):
-    clock = FakeClock()
-    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
-    assert all(lim.acquire_many(1, deadline=clock.now) for _ in range(100))
+    clock = limiter_clock()
+    lim = SharedRateLimiter(sqlite_warehouse.engine, "b", None, clock=clock)
+    assert all(acquire(lim, 1, deadline=clock.now) for _ in range(100))
     with sqlite_warehouse.engine.connect() as conn:
         assert not sqlite_warehouse.engine.dialect.has_table(conn, "lead_event_rate_slots")
 
 
 def test_limiter_recreates_a_lost_bucket_row(warehouse):
-    clock = FakeClock()
+    clock = limiter_clock()
     lim = limiter(warehouse, clock, per_minute=2)
     assert len(lim.try_acquire_many(1)[0]) == 1
     with warehouse.engine.begin() as conn:
@@ -207,6 +210,18 @@ def test_limiter_recreates_a_lost_bucket_row(warehouse):
     with warehouse.engine.connect() as conn:
         assert conn.execute(select(rate_buckets.c.bucket)).scalars().all() == ["bucket-a"]
 
+
+def test_a_limiter_for_a_bucket_that_is_there_keeps_it_as_it_is(warehouse):
+    clock = limiter_clock()
+    first = limiter(warehouse, clock, per_minute=2)
+    assert len(first.try_acquire_many(1)[0]) == 1
+    with warehouse.engine.connect() as conn:
+        before = conn.execute(select(rate_buckets)).all()
+    clock.now += 30
+    second = limiter(warehouse, clock, per_minute=2)  # another sender of the same deployment
+    with warehouse.engine.connect() as conn:
+        assert conn.execute(select(rate_buckets)).all() == before
+    assert len(second.try_acquire_many(2)[0]) == 1  # the window the first one started
 
 # --- real processes competing for one bucket -----------------------------------------------
 
@@ -220,12 +235,18 @@ url, ready = sys.argv[1], sys.argv[5]
 per_minute, attempts, rounds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 # SQLite: wait for the competing writer (what prepare_engine does, without importing pandas here).
 engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-waits = []  # what the limiter waited for a slot
+waits = []  # what acquire waited for a slot
 def sleep(seconds):
     waits.append(seconds)
     time.sleep(seconds)
+def acquire(limiter, count, deadline):  # as a sender takes slots
+    while True:
+        granted, wait = limiter.try_acquire_many(count)
+        if granted or time.time() + wait > deadline:
+            return granted
+        sleep(wait)
 # One bucket per round; the processes race to create each of them, too.
-limiters = [SharedRateLimiter(engine, f"shared-{r}", per_minute, sleep=sleep) for r in range(rounds)]
+limiters = [SharedRateLimiter(engine, f"shared-{r}", per_minute) for r in range(rounds)]
 Path(ready).touch()
 start = float(sys.stdin.readline())  # the same wall-clock start for every process
 results = []
@@ -233,7 +254,7 @@ for r, limiter in enumerate(limiters):
     time.sleep(max(0.0, start + r * ROUND_SECONDS - time.time()))
     for _ in range(attempts):
         asked, before = time.time(), len(waits)
-        granted = bool(limiter.acquire_many(1, deadline=time.time() + 3.0))
+        granted = bool(acquire(limiter, 1, time.time() + 3.0))
         results.append([r, granted, asked, time.time(), len(waits) - before])
 print(json.dumps(results))
 """

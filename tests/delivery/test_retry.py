@@ -11,8 +11,7 @@ from lead_sync.delivery.retry import (
     CREDENTIALS, DELIVERED, REJECTED, RETRY, RetryPlan, RetryPolicy, classify, describe, retrying,
 )
 
-from tests.support import TOKEN
-from tests.delivery.test_client import LEAD
+from tests.support import LEAD, TOKEN
 
 
 def answer(status, body=None, error=None):

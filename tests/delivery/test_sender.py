@@ -2,129 +2,32 @@
 warehouses (SQLite and PostgreSQL), against the sandbox as a real loopback HTTP server."""
 from __future__ import annotations
 
-import itertools
-import json
-import math
 import re
 import threading
 import time
-from contextlib import contextmanager
-from datetime import date, datetime, timedelta, timezone
-from zoneinfo import ZoneInfo
+from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import select
 
 from lead_sync.delivery import claims
 from lead_sync import stages
 from lead_sync.audit import runs
 from lead_sync.clock import as_utc
-from lead_sync.db.schema import deliveries, metadata, outbox
+from lead_sync.db.schema import metadata
 from lead_sync.delivery.client import CutMeShortClient
 from lead_sync.read.config import load_config
 from lead_sync.delivery.policy import CredentialsRefused
 from lead_sync.delivery.sender import Sender
-from lead_sync.read.partition import Partition
 from lead_sync.delivery.ratelimit import SharedRateLimiter
 from lead_sync.delivery.retry import RetryPolicy
 from lead_sync.db.engines import prepare_engine
-from lead_sync.db.stores import ensure_stores
 
-from tests.support import TOKEN, signups, verifications
-
-DAY = date(2026, 11, 27)
-PARTITION = Partition(DAY, ZoneInfo("UTC"))
-_runs = itertools.count(1)
-
-
-def new_run_id() -> str:
-    return f"manual__test_{next(_runs)}"
-
-
-# --- seeding through the pipeline's own extract stage ---------------------------------------
-
-def signup(cid: int, minute: int = 0, *, deferred: bool = False, name: str | None = None,
-           email: str | None = None) -> dict:
-    return dict(customer_external_id=cid, click_id=f"click-{cid}", customer_name=name, customer_email=email,
-                customer_avatar=None, signed_up_at=datetime(2026, 11, 27, 8, minute),
-                requires_verification=deferred)
-
-
-def verification(cid: int, minute: int = 30, event: str = "email_verified") -> dict:
-    return dict(customer_external_id=str(cid), event_name=event,
-                verified_at=datetime.fromisoformat(f"2026-11-27 09:{minute:02d}:00+00:00"))
-
-
-def seed(wh, *rows: dict, verified: tuple[dict, ...] = ()) -> str:
-    """Source rows in, stages.extract_and_map over them; returns the run id it used."""
-    ensure_stores(wh.engine)  # as each task does before its stage
-    wh.create_sources()
-    if rows:
-        wh.add(signups, *rows)
-    if verified:
-        wh.add(verifications, *verified)
-    run_id = new_run_id()
-    summary = stages.extract_and_map(wh.engine, load_config(), PARTITION, run_id)
-    assert summary["new"] == len(rows) + len(verified)
-    return run_id
-
-
-# --- sending -------------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def fake_time_starts_now():
-    """Each test's FakeClocks start from the real time (a test's waits move only its own time)."""
-    FakeClock.latest = 0.0
-    yield
-
-
-class FakeClock:
-    """Wall seconds for the sender and the limiter together: it stands still, and `sleep` moves it
-    at once and records the wait. Requests stay real. `on_sleep` runs a function at the n-th wait
-    (1 = the first), e.g. to change the sandbox's faults."""
-
-    latest = 0.0  # where any FakeClock got to: a later one never starts before (time only moves on)
-
-    def __init__(self, on_sleep: dict | None = None) -> None:
-        # On a quarter second (exact in binary, like the waits it adds: a minute and a quarter), and
-        # after every earlier FakeClock: what it writes comes after what they wrote.
-        self.start = math.ceil(max(time.time(), FakeClock.latest + 0.001) * 4) / 4
-        FakeClock.latest = self.now = self.start
-        self.sleeps: list[float] = []
-        self._on_sleep = dict(on_sleep or {})
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0, seconds
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
-            FakeClock.latest = max(FakeClock.latest, self.now)
-            action = self._on_sleep.get(len(self.sleeps))
-        if action:
-            action()
-
-    @property
-    def elapsed(self) -> float:
-        return self.now - self.start
-
-
-@contextmanager
-def sending(wh, sandbox, run_id: str | None = None, *, max_attempts: int = 4, base: float = 0.05,
-            cap: float = 0.5, timeout: float = 2.0, per_minute: int | None = 60, bucket: str = "test-bucket",
-            budget: float = 30.0, clock: FakeClock | None = None, token: str = TOKEN,
-            max_in_flight: int | None = None):
-    """A Sender on a FakeClock (its `clock`), shared with its limiter."""
-    prepare_engine(wh.engine)
-    clock = clock or FakeClock()
-    with CutMeShortClient(sandbox.url, token, timeout_seconds=timeout) as client:
-        limiter = SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock, sleep=clock.sleep)
-        yield Sender(wh.engine, client, limiter, RetryPolicy(max_attempts, base, cap), run_id or new_run_id(),
-                     clock() + budget, credentials_hint="cutmeshort_default", sleep=clock.sleep, clock=clock,
-                     max_in_flight=max_in_flight)
+from tests.support import TOKEN
+from tests.support.audit import age_event, attempts_of, outbox_body, outbox_keys, row
+from tests.support.clock import FakeClock
+from tests.support.seeding import PARTITION, new_run_id, seed, signup, verification
+from tests.support.sending import run_senders_at_once, sending, sent
 
 
 def send_stage(wh, sandbox, run_id: str, *, connection: str = "cutmeshort_default", token: str = TOKEN,
@@ -133,41 +36,14 @@ def send_stage(wh, sandbox, run_id: str, *, connection: str = "cutmeshort_defaul
     """stages.send_open_events, as the send task calls it, on a FakeClock."""
     clock = clock or FakeClock()
     with CutMeShortClient(sandbox.url, token, timeout_seconds=2.0) as client:
-        limiter = SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock, sleep=clock.sleep)
+        limiter = SharedRateLimiter(wh.engine, bucket, per_minute, clock=clock)
         return stages.send_open_events(wh.engine, client, limiter, RetryPolicy(max_attempts, 0.05, 0.5),
                                          run_id, budget, connection, clock=clock, sleep=clock.sleep)
-
-
-# --- reading the audit ---------------------------------------------------------------------
-
-def row(wh, cid: int, event: str = "signup_started") -> dict:
-    return wh.deliveries()[(str(cid), event)]
-
-
-def attempts_of(wh, cid: int, event: str = "signup_started") -> list[dict]:
-    key = row(wh, cid, event)["event_key"]
-    return [a for a in wh.attempts() if a["event_key"] == key]
-
-
-def outbox_keys(wh) -> set[str]:
-    with wh.engine.connect() as conn:
-        return set(conn.execute(select(outbox.c.event_key)).scalars())
-
-
-def outbox_body(wh, key: str) -> dict | None:
-    """The body an open event is sent with (None once it is closed)."""
-    with wh.engine.connect() as conn:
-        body = conn.execute(select(outbox.c.body).where(outbox.c.event_key == key)).scalar()
-    return None if body is None else json.loads(body)
 
 
 def gaps(rows: list[dict]) -> list[float]:
     moments = [as_utc(r["sent_at"]) for r in rows]
     return [(b - a).total_seconds() for a, b in zip(moments, moments[1:])]
-
-
-def sent(sandbox) -> list[tuple[str, str, int | None]]:
-    return [(r["body"]["customerExternalId"], r["body"]["eventName"], r["status"]) for r in sandbox.requests()]
 
 
 # --- retried answers -----------------------------------------------------------------------
@@ -235,13 +111,6 @@ def test_5xx_then_success_is_delivered_once_with_every_attempt_audited(warehouse
     assert (run["send_result"], run["message"]) == ("complete", None)
 
 
-def _age(wh, cid: int, **hours: float) -> None:
-    """Time passes for one event: move its retry clock and next try back by so many hours."""
-    values = {column: datetime.now(timezone.utc) - timedelta(hours=h) for column, h in hours.items()}
-    with wh.engine.begin() as conn:
-        conn.execute(update(deliveries).where(deliveries.c.event_key == row(wh, cid)["event_key"]).values(**values))
-
-
 def _send_run(wh) -> str:
     """A run that only sends, as lead_events_drain's: its row in lead_event_sync_runs first."""
     run_id = new_run_id()
@@ -267,7 +136,7 @@ def test_permanent_500_stays_pending_across_runs_then_gives_up_and_is_final(ware
     # A run before next_attempt_at does not try it.
     assert send_stage(warehouse, sandbox, new_run_id(), max_attempts=3).requests == 0
     # Later, still within give_up_after_hours: retried, left open again, a longer wait.
-    _age(warehouse, 1, retry_since=10, next_attempt_at=0.01)
+    age_event(warehouse, 1, retry_since=10, next_attempt_at=0.01)
     run2 = _send_run(warehouse)
     report = send_stage(warehouse, sandbox, run2, max_attempts=3)
     assert (report.requests, report.failed, report.left_open) == (3, 0, 1)
@@ -275,7 +144,7 @@ def test_permanent_500_stays_pending_across_runs_then_gives_up_and_is_final(ware
     assert runs.summarise(warehouse.engine, run2, PARTITION.day).outcome == "success"
 
     # Past give_up_after_hours (72 by default): the run's last attempt gives up, and that run fails.
-    _age(warehouse, 1, retry_since=73, next_attempt_at=0.01)
+    age_event(warehouse, 1, retry_since=73, next_attempt_at=0.01)
     run3 = _send_run(warehouse)
     report = send_stage(warehouse, sandbox, run3, max_attempts=3)
     assert (report.requests, report.failed) == (3, 1)
@@ -319,7 +188,7 @@ def test_timeouts_every_time_stay_pending_then_give_up(warehouse, sandbox):
     assert [(a["http_status"], a["outcome"]) for a in attempts_of(warehouse, 1)] == [(None, "unknown")] * 2
     left = row(warehouse, 1)
     assert left["status"] == "pending" and left["reason"].startswith("retrying: no response (ReadTimeout")
-    _age(warehouse, 1, retry_since=72.5, next_attempt_at=0.01)
+    age_event(warehouse, 1, retry_since=72.5, next_attempt_at=0.01)
     with sending(warehouse, sandbox, timeout=0.3, max_attempts=2) as sender:
         report = sender.run()
     assert (report.requests, report.failed) == (2, 1)
@@ -484,7 +353,7 @@ def test_event_two_is_not_sent_while_event_one_is_not_delivered(warehouse, sandb
     assert "email_verified" not in [event for _, event, _ in sent(sandbox)]
 
     # A later run, once the event is due again, with the API healthy again.
-    _age(warehouse, 7, next_attempt_at=0.01)
+    age_event(warehouse, 7, next_attempt_at=0.01)
     sandbox.set_faults({"permanent_errors": {}})
     with sending(warehouse, sandbox) as sender:
         sender.run()
@@ -501,41 +370,10 @@ def test_event_two_is_not_sent_while_event_one_is_not_delivered(warehouse, sandb
 
 # --- senders running at once -----------------------------------------------------------------
 
-def _run_senders_at_once(wh, sandbox, count: int, per_minute: int | None, budget: float,
-                         clock: FakeClock | None = None, max_in_flight: int | None = None) -> list:
-    """Senders in threads, each with its own engine and client, as separate send tasks would be,
-    on one FakeClock (shared by their limiters)."""
-    reports, errors, engines = [None] * count, [], []
-    clock = clock or FakeClock()
-
-    def one(n: int) -> None:
-        engine = prepare_engine(create_engine(wh.url))
-        engines.append(engine)
-        try:
-            with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2.0) as client:
-                limiter = SharedRateLimiter(engine, "shared-bucket", per_minute, clock=clock, sleep=clock.sleep)
-                # A short budget also keeps a sender from waiting out the other's leases.
-                sender = Sender(engine, client, limiter, RetryPolicy(3, 0.05, 0.5), f"manual__concurrent_{n}",
-                                clock() + budget, clock=clock, sleep=clock.sleep, max_in_flight=max_in_flight)
-                reports[n] = sender.run()
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    for engine in engines:
-        engine.dispose()
-    assert not errors and not any(t.is_alive() for t in threads), errors
-    return reports
-
-
 def test_senders_running_at_once_send_each_event_exactly_once(warehouse, sandbox):
     seed(warehouse, *(signup(n, n) for n in range(1, 13)))
     sandbox.set_faults({"latency_ms": 30})
-    reports = _run_senders_at_once(warehouse, sandbox, 3, per_minute=60, budget=4.0)
+    reports = run_senders_at_once(warehouse, sandbox, 3, per_minute=60, budget=4.0)
     assert sum(r.requests for r in reports) == 12 and sum(r.delivered for r in reports) == 12
     assert sorted(int(c) for c, _, status in sent(sandbox) if status == 200) == list(range(1, 13))
     assert len(sandbox.requests()) == 12  # no event sent twice, no 409
@@ -547,7 +385,7 @@ def test_senders_running_at_once_share_one_rate_limit(warehouse, sandbox):
     seed(warehouse, *(signup(n, n) for n in range(1, 9)))
     clock = FakeClock()
     # 5 a minute and a budget of 1.5 s: the 6th slot is a minute away, so neither sender waits for it.
-    reports = _run_senders_at_once(warehouse, sandbox, 2, per_minute=5, budget=1.5, clock=clock)
+    reports = run_senders_at_once(warehouse, sandbox, 2, per_minute=5, budget=1.5, clock=clock)
     assert clock.sleeps == [] and clock.elapsed == 0
     assert sum(r.requests for r in reports) == 5 and len(sandbox.requests()) == 5
     assert sandbox.stats()["max_requests_in_any_60s"] == 5
@@ -608,7 +446,7 @@ def test_audit_keeps_no_raw_email_name_or_token(warehouse, sandbox):
     sandbox.set_faults({"permanent_errors": {"2": 422, "3": 500}})
     send_stage(warehouse, sandbox, run_id, max_attempts=2)
     runs.summarise(warehouse.engine, run_id, PARTITION.day)
-    _age(warehouse, 3, next_attempt_at=0.01)  # due again: the next run tries it, with a revoked token
+    age_event(warehouse, 3, next_attempt_at=0.01)  # due again: the next run tries it, with a revoked token
     with pytest.raises(CredentialsRefused):
         send_stage(warehouse, sandbox, new_run_id(), token="wrong-token-456")
     emails = [lead.get("customerEmail") for lead in sandbox.leads()]
@@ -649,7 +487,7 @@ def test_a_long_send_logs_progress_every_30_seconds(warehouse, sandbox, caplog):
     clock = FakeClock()
     prepare_engine(warehouse.engine)
     with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=2) as client:
-        limiter = SharedRateLimiter(warehouse.engine, "b", None, clock=clock, sleep=clock.sleep)
+        limiter = SharedRateLimiter(warehouse.engine, "b", None, clock=clock)
         sender = Sender(warehouse.engine, client, limiter, RetryPolicy(), new_run_id(), clock() + 30, clock=clock,
                         sleep=clock.sleep, ticks=ticks)
         with caplog.at_level("INFO", logger="lead_sync.delivery.sender"):

@@ -25,9 +25,10 @@ from lead_sync.delivery.settings import ApiSettings, ApiTarget, parse_api_settin
 
 from tests.support.processes import wait_for
 from tests.support import TOKEN, signups, verifications
-from tests.delivery.test_sender import (  # noqa: F401 - fake_time_starts_now: a fixture
-    FakeClock, _run_senders_at_once, attempts_of, fake_time_starts_now, row, seed, sending, sent, signup,
-)
+from tests.support.audit import attempts_of, row
+from tests.support.clock import FakeClock
+from tests.support.seeding import PARTITION, new_run_id, seed, signup
+from tests.support.sending import run_senders_at_once, sending, sent
 
 DAY_START = datetime(2026, 11, 27)
 
@@ -50,7 +51,6 @@ def many_signups(wh, count: int, deferred_every: int = 0, first: int = 1) -> int
     if checks:
         wh.add(verifications, *checks)
     from lead_sync.read.config import load_config
-    from tests.delivery.test_sender import PARTITION, new_run_id
     assert stages.extract_and_map(wh.engine, load_config(), PARTITION, new_run_id())["new"] == count + len(checks)
     return count + len(checks)
 
@@ -160,7 +160,7 @@ def test_several_senders_each_with_several_in_flight_never_exceed_the_limit(ware
     sandbox.set_faults({"latency_ms": 50, "rate_limit_per_minute": 10})  # more than 10 would get a 429
     clock = FakeClock()
     # 10 a minute, three senders with 4 in flight each, a budget (5 s) that ends before any slot frees.
-    reports = _run_senders_at_once(warehouse, sandbox, 3, per_minute=10, budget=5.0, clock=clock, max_in_flight=4)
+    reports = run_senders_at_once(warehouse, sandbox, 3, per_minute=10, budget=5.0, clock=clock, max_in_flight=4)
     stats = sandbox.stats()
     assert sum(r.requests for r in reports) == 10 and stats["requests"] == 10
     assert stats["max_requests_in_any_60s"] == 10 and stats["by_status"] == {"200": 10}

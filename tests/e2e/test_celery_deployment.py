@@ -26,7 +26,8 @@ from lead_sync.db.schema import ensure_schema, send_batches
 from tests.support.processes import (
     celery_deployment, free_port, kill_tree, start_airflow_services, start_celery_worker, stop, stop_trees, wait_for,
 )
-from tests.support import ROOT, seed_backlog, write_sources
+from tests.support import ROOT, write_sources
+from tests.support.seeding import seed_backlog
 
 DAY = "2026-11-20"
 RUN_ID = "celery-2026-11-20"

@@ -5,7 +5,7 @@ import pytest
 
 from tests.support.dagrun import airflow_cli
 from tests.support import TOKEN
-from tests.e2e.test_dag import seed_basic
+from tests.support.seeding import seed_basic
 
 
 @pytest.mark.postgres

@@ -8,29 +8,13 @@ from cutmeshort.models.lead_payload import LeadPayload
 
 from tests.support.dagrun import run_dag
 from tests.support import signups, verifications, write_sources
+from tests.support.seeding import seed_basic
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
 
 def T(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-def seed_basic(wh) -> None:
-    wh.create_sources()
-    wh.add(signups,
-           dict(customer_external_id=1, click_id="c1", customer_name="Ann", customer_email="ann@example.com",
-                customer_avatar=None, signed_up_at=T("2026-11-27 08:00:00"), requires_verification=False),
-           dict(customer_external_id=2, click_id=" c2 ", customer_name="Bob", customer_email="nope",
-                customer_avatar="https://img.example.com/b.png", signed_up_at=T("2026-11-27 09:00:00"),
-                requires_verification=True),
-           dict(customer_external_id=3, click_id=None, customer_name="Cy", customer_email=None, customer_avatar=None,
-                signed_up_at=T("2026-11-27 10:00:00"), requires_verification=None),
-           dict(customer_external_id=4, click_id="c4", customer_name=None, customer_email=None, customer_avatar=None,
-                signed_up_at=T("2026-11-28 10:00:00"), requires_verification=False))
-    wh.add(verifications,
-           dict(customer_external_id=" 2 ", event_name="email_verified", verified_at=T("2026-11-27 09:05:00+00:00")),
-           dict(customer_external_id="1", event_name="email_verified", verified_at=T("2026-11-27 09:06:00+00:00")))
 
 
 def test_partition_sync_end_to_end(warehouse, sandbox):

@@ -23,7 +23,8 @@ from sqlalchemy import inspect, select
 from tests.support.dagrun import run_through_airflow
 from lead_sync.audit import alerts as core_alerts
 from tests.support import ROOT, TOKEN, Warehouse, allow_connections, signups, write_sources
-from tests.audit.test_alerts import Inbox, free_port, smtp_conn, smtp_server, webhook  # noqa: F401 (fixtures)
+from tests.support.inboxes import Inbox, smtp_conn
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.usefixtures("airflow_db")
 
@@ -133,7 +134,7 @@ def read(inbox: Inbox) -> list[tuple[list[str], str, str, str]]:
 
 
 @pytest.fixture
-def mail(monkeypatch, smtp_server):  # noqa: F811 (the fixture imported above)
+def mail(monkeypatch, smtp_server):
     """smtp_default -> a real SMTP server on 127.0.0.1; returns its inbox."""
     inbox, port = smtp_server
     monkeypatch.setenv("AIRFLOW_CONN_SMTP_DEFAULT", smtp_conn(port))
@@ -142,7 +143,7 @@ def mail(monkeypatch, smtp_server):  # noqa: F811 (the fixture imported above)
 
 # --- 1. alerts end to end ------------------------------------------------------------------
 
-def test_failed_run_alerts_once_by_mail_and_slack_then_recovers(warehouse, sandbox, mail, webhook,  # noqa: F811
+def test_failed_run_alerts_once_by_mail_and_slack_then_recovers(warehouse, sandbox, mail, webhook,
                                                                  tmp_path, monkeypatch):
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.delenv(name, raising=False)  # slack_sdk would send through it
@@ -222,7 +223,7 @@ def test_rejected_share_over_the_threshold_alerts(warehouse, sandbox, mail, tmp_
 # --- 2. the mail server is down --------------------------------------------------------------
 
 def test_smtp_down_fails_the_run_loudly_loses_nothing_and_the_alert_comes_later(
-        warehouse, sandbox, smtp_server, tmp_path, monkeypatch, capfd):  # noqa: F811
+        warehouse, sandbox, smtp_server, tmp_path, monkeypatch, capfd):
     config = write_sources(tmp_path, alerts=ALERTS)
     total = seed(warehouse, 5)
     sandbox.set_faults({"permanent_errors": {"2": 500}})  # event 2 gives up: the run fails

@@ -23,8 +23,10 @@ from cutmeshort_sandbox import SandboxServer
 from tests.support.dagrun import airflow_cli_env
 from tests.support.processes import free_port, local_deployment, start_airflow_services, stop, wait_for
 from lead_sync.db.schema import attempts, deliveries, ensure_schema
-from tests.support import ROOT, TOKEN, seed_backlog, write_sources
-from tests.e2e.test_faults import lead_counts, seed_day
+from tests.support import ROOT, TOKEN, write_sources
+from tests.support.seeding import seed_backlog, seed_day
+from tests.support.sending import lead_counts
+from tests.support.vendor import assert_vendor_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -90,8 +92,6 @@ def _busiest_minute(stamps: list[datetime]) -> int:
 @pytest.fixture
 def api():
     """The API sandbox with the per-minute limit of this test (the shared fixture has 60)."""
-    from conftest import assert_vendor_schema
-
     with SandboxServer(host="127.0.0.1", port=0, token=TOKEN, rate_limit_per_minute=RATE) as server:
         yield server
         assert_vendor_schema([r["body"] for r in server.requests() if r["authorized"]])

@@ -16,35 +16,12 @@ from sqlalchemy import update
 from tests.support.dagrun import airflow_cli_env, run_dag
 from lead_sync.db.schema import deliveries
 from tests.support import allow_connections, signups, verifications
+from tests.support.seeding import seed_day
+from tests.support.sending import lead_counts
 
 pytestmark = [pytest.mark.usefixtures("airflow_db"), pytest.mark.postgres]
 
 FAST = dict(timeout_seconds=1, backoff_base_seconds=0.05, backoff_max_seconds=0.3)
-
-
-def seed_day(wh, day: str, count: int, first_id: int = 1, deferred_every: int = 3) -> int:
-    """`count` signups on `day`, every `deferred_every`-th deferred and verified; returns deliverable events."""
-    wh.create_sources()
-    start = datetime.fromisoformat(day)
-    rows, checks = [], []
-    for n in range(count):
-        cid = first_id + n
-        deferred = deferred_every and n % deferred_every == 0
-        at = start + timedelta(minutes=7 * n + 1)
-        rows.append(dict(customer_external_id=cid, click_id=f"clk{cid}", customer_name=f"Name {cid}",
-                         customer_email=f"u{cid}@example.com", customer_avatar=None, signed_up_at=at,
-                         requires_verification=bool(deferred)))
-        if deferred:
-            checks.append(dict(customer_external_id=str(cid), event_name="email_verified",
-                               verified_at=(at + timedelta(minutes=2)).isoformat() + "+00:00"))
-    wh.add(signups, *rows)
-    if checks:
-        wh.add(verifications, *checks)
-    return len(rows) + len(checks)
-
-
-def lead_counts(sandbox) -> Counter:
-    return Counter((l["customerExternalId"], l["eventName"]) for l in sandbox.leads())
 
 
 def api_hits(sandbox) -> Counter:

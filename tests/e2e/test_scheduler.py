@@ -10,7 +10,8 @@ from tests.support.dagrun import airflow_cli_env
 from tests.support.processes import free_port, local_deployment, start_airflow_services, stop, wait_for
 from lead_sync.db.schema import ensure_schema
 from tests.support import signups, verifications
-from tests.e2e.test_faults import lead_counts, seed_day
+from tests.support.seeding import seed_day
+from tests.support.sending import lead_counts
 
 pytestmark = pytest.mark.postgres
 

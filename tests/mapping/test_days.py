@@ -9,7 +9,7 @@ from lead_sync.events import NON_DEFERRED, PENDING, SKIPPED, LeadEvent
 from lead_sync.mapping.days import ReadTally, first_per_key, map_rows
 from lead_sync.mapping.payloads import event_key
 from lead_sync.read.partition import Partition
-from tests.mapping.mapped import (
+from tests.support.mapping import (
     DAY,
     SIGNUP_COLS,
     SIGNUPS,
@@ -46,6 +46,18 @@ def test_each_row_goes_to_the_partition_of_its_event_time():
     assert customers(events) == {BEFORE: ["1"], DAY: ["2"]}
     assert passed == 0
     assert all(e.partition_date == day for day, found in events.items() for e in found)
+
+
+def test_a_time_at_the_calendars_end_is_no_days_row_and_stops_nothing():
+    # 9999-12-31 23:00Z is already the next year in Kiritimati (UTC+14), and 0001-01-01 01:00Z the
+    # year before in New York: past the calendar, so no partition's; the rows beside them still map.
+    for zone, edge in (("Pacific/Kiritimati", datetime(9999, 12, 31, 23, tzinfo=UTC)),
+                       ("America/New_York", datetime(1, 1, 1, 1, tzinfo=UTC))):
+        rows = [signup(customer_external_id=1, event_time=edge), signup(customer_external_id=2)]
+        days = days_of(zone, BEFORE, DAY)
+        events, _ = map_rows(SIGNUPS, SIGNUP_COLS, as_read(rows, SIGNUP_COLS), days, days[DAY], {}, {})
+        assert "1" not in [c for found in customers(events).values() for c in found]
+        assert sum(customers(events).values(), []) != []
 
 
 def test_a_row_whose_time_cannot_be_read_goes_to_the_runs_own_partition():

@@ -5,7 +5,7 @@ import hashlib
 import json
 
 from lead_sync.mapping.payloads import event_key, payload_digest, payload_json, redact, row_key
-from tests.mapping.mapped import map_signups, one, plain, signup
+from tests.support.mapping import map_signups, one, plain, signup
 
 
 def _sha(text: str) -> str:

@@ -15,7 +15,7 @@ from lead_sync.mapping.payloads import event_key
 from lead_sync.mapping.rules import SourceShapeError
 from lead_sync.read.config import SourceConfig
 from lead_sync.read.partition import Partition
-from tests.mapping.mapped import (
+from tests.support.mapping import (
     DAY,
     PART,
     SIGNUP_COLS,

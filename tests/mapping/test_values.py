@@ -19,7 +19,7 @@ from lead_sync.events import DEFERRED_CONFIRM, DEFERRED_START, NON_DEFERRED, PEN
 from lead_sync.mapping import values
 from lead_sync.mapping.payloads import event_key
 from lead_sync.mapping.values import InvalidValue
-from tests.mapping.mapped import DAY, T0, map_signups, map_verifications, one, plain, signup, verification
+from tests.support.mapping import DAY, T0, map_signups, map_verifications, one, plain, signup, verification
 
 UTC = timezone.utc
 

@@ -34,6 +34,17 @@ def test_a_failed_warehouse_write_never_prints_its_parameters(tmp_path, monkeypa
     engine.dispose()
 
 
+def test_a_postgres_connection_is_read_and_written_through_psycopg2_unless_it_names_a_driver(monkeypatch):
+    # The core's bulk paths on PostgreSQL (COPY, server-side cursors) are psycopg2's; the provider
+    # itself would pick psycopg 3, on which the core takes its slower generic paths.
+    postgres = {"conn_type": "postgres", "host": "127.0.0.1", "port": 5432, "login": "u", "schema": "w"}
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", json.dumps(postgres))
+    assert warehouse_engine().dialect.driver == "psycopg2"
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT",
+                       json.dumps({**postgres, "extra": {"sqlalchemy_scheme": "postgresql+psycopg"}}))
+    assert warehouse_engine().dialect.driver == "psycopg"
+
+
 def test_get_conn_is_the_client_the_connection_describes(sandbox, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_CUTMESHORT_DEFAULT", cutmeshort_conn(sandbox.url, timeout_seconds=3))
     hook = CutMeShortHook()

@@ -17,8 +17,9 @@ from lead_sync.state.on_record import LOADED
 from lead_sync.state.preview import Preview
 from lead_sync.state.writes import INSERTED
 
-from tests.delivery.test_sender import fake_time_starts_now, row, seed, sending, signup  # noqa: F401 - a fixture
-from tests.state.reruns import NEXT_DAY, rename, rerun, row_and_body
+from tests.support.audit import row, row_and_body
+from tests.support.seeding import NEXT_DAY, rename, rerun, seed, signup
+from tests.support.sending import sending
 
 DAY = date(2026, 11, 27)
 NOW = datetime(2026, 11, 28, 9, 0, tzinfo=timezone.utc)

@@ -17,7 +17,6 @@ from lead_sync.state.on_record import (
 from lead_sync.state.outbox import put_bodies
 from lead_sync.state.writes import INSERTED
 
-from tests.db.test_bulk import engine  # noqa: F401 - a fixture: SQLite, PostgreSQL through psycopg2 and psycopg
 
 DAY = date(2026, 11, 27)
 AT = datetime(2026, 11, 27, 9, 30, tzinfo=timezone.utc)

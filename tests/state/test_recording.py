@@ -23,10 +23,10 @@ from lead_sync.state import recording as state
 
 from tests.support.processes import wait_for
 from tests.support import TOKEN, signups
-from tests.delivery.test_sender import (  # noqa: F401 - fake_time_starts_now: a fixture
-    PARTITION, FakeClock, fake_time_starts_now, new_run_id, outbox_keys, row, seed, sending, signup,
-)
-from tests.state.reruns import NEXT_DAY, rename, rerun, row_and_body
+from tests.support.audit import outbox_keys, row, row_and_body
+from tests.support.clock import FakeClock
+from tests.support.seeding import NEXT_DAY, PARTITION, new_run_id, rename, rerun, seed, signup
+from tests.support.sending import sending
 
 CUSTOMERS = range(1, 7)
 
@@ -158,7 +158,7 @@ def test_reruns_while_a_drain_sends_deliver_every_event_exactly_once(pg_warehous
             with CutMeShortClient(sandbox.url, TOKEN, timeout_seconds=5.0) as client:
                 while claims.has_sendable(engine) and len(reports) < 50:
                     clock = FakeClock()  # each run starts now
-                    limiter = SharedRateLimiter(engine, "drain-bucket", None, clock=clock, sleep=clock.sleep)
+                    limiter = SharedRateLimiter(engine, "drain-bucket", None, clock=clock)
                     reports.append(Sender(engine, client, limiter, RetryPolicy(3, 0.05, 0.5), new_run_id(),
                                           clock() + 60, clock=clock, sleep=clock.sleep).run())
         except Exception as exc:  # pragma: no cover - reported below

@@ -1,4 +1,18 @@
-"""Test support: warehouses (real PostgreSQL and SQLite), source tables, audit reads."""
+"""Test support: warehouses (real PostgreSQL and SQLite), source tables, audit reads.
+
+Beside this module, each of one idea:
+  audit.py         an event's audit row, attempts and open body
+  browser.py       headless Chromium (fixture `chromium`)
+  clock.py         FakeClock, for the product's `clock` and `sleep`
+  compose.py       docker-compose.yaml as compose resolves it, and the Dockerfile
+  dagrun.py        a DAG run through Airflow, in this process or through the CLI
+  inboxes.py       SMTP and webhook servers that alerts arrive at (fixtures `smtp_server`, `webhook`)
+  mapping.py       source rows as the driver returns them, and what map_rows makes of them
+  processes.py     processes a test starts: Airflow's services, a Celery worker
+  sandbox_http.py  the sandbox's HTTP routes, as its own tests call them
+  seeding.py       source rows, and the seeded partition read through the extract stage
+  sending.py       senders on a FakeClock, and what the sandbox received
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +22,6 @@ import subprocess
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +34,9 @@ from lead_sync.db.schema import attempts, deliveries, sync_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-7f3a9c"
+# A lead the API takes: event 1 of a non-deferred signup, nulls left out.
+LEAD = {"eventName": "signup_started", "customerExternalId": "42", "clickId": "click-42",
+        "timestamp": "2026-11-27T08:00:00Z"}
 
 source_metadata = MetaData()
 signups = Table(
@@ -108,16 +124,6 @@ class Warehouse:
         for row in self.deliveries().values():
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         return counts
-
-
-def seed_backlog(wh: Warehouse, day: str, count: int, first_id: int) -> None:
-    """`count` non-deferred signups, all inside one day (40 s apart)."""
-    wh.create_sources()
-    start = datetime.fromisoformat(day)
-    wh.add(signups, *[dict(customer_external_id=first_id + n, click_id=f"clk{first_id + n}",
-                           customer_name=f"Name {first_id + n}", customer_email=f"u{first_id + n}@example.com",
-                           customer_avatar=None, signed_up_at=start + timedelta(seconds=20 + 40 * n),
-                           requires_verification=False) for n in range(count)])
 
 
 def new_pg_database() -> str:

@@ -14,6 +14,7 @@ from typing import Iterator
 from sqlalchemy import Table, column, delete, insert, select, text, tuple_
 from sqlalchemy.engine import Connection
 
+from lead_sync.db.locks import lock_for_transaction
 from lead_sync.db.schema import AUDIT_TABLES, attempts, deliveries, dry_run_events, send_batches, source_reads, sync_runs
 from lead_sync.db.stores import Stores
 from lead_sync.db.upsert import UnsupportedDialect, upsert
@@ -71,6 +72,7 @@ def _replace(conn: Connection, table: Table, rows: list[dict], cleared: set[tupl
 def _mark(conn: Connection, table: Table, marks: list[dict]) -> None:
     pk = [c.name for c in table.primary_key.columns]
     where = " AND ".join(f"{name} = :{name}" for name in pk)
+    # This stage's own statement, as text: published_seq is only in the state store (sql/state_store_table.sql).
     for start in range(0, len(marks), CHUNK):
         conn.execute(text(f"UPDATE {table.name} SET published_seq = :audit_seq WHERE {where}"),
                      marks[start:start + CHUNK])
@@ -86,7 +88,7 @@ def publish_audit(stores: Stores) -> int:
         return 0
     copied: dict[Table, list[dict]] = {}
     with stores.state.begin() as state:
-        state.execute(text("SELECT pg_advisory_xact_lock(hashtext('lead_sync_publish'))"))
+        lock_for_transaction(state, "lead_sync_publish")
         warehouse = None
         try:
             for table in AUDIT_TABLES:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from lead_sync.db.schema import AUDIT_TABLES, SQL_DIR, ensure_schema
 from lead_sync.db.engines import prepare_engine
+from lead_sync.db.locks import lock_for_transaction
+from lead_sync.db.schema import AUDIT_TABLES, SQL_DIR, ensure_schema
 
 
 class StateStoreError(ValueError):
@@ -73,7 +74,7 @@ def ensure_stores(stores: Engine | Stores) -> None:
     per_table = (SQL_DIR / "state_store_table.sql").read_text(encoding="utf-8")
     with stores.state.begin() as conn:
         # One creator at a time: CREATE OR REPLACE of one trigger by two sessions can collide.
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('lead_sync_state_schema'))"))
+        lock_for_transaction(conn, "lead_sync_state_schema")
         conn.exec_driver_sql((SQL_DIR / "state_store.sql").read_text(encoding="utf-8"))
         for table in AUDIT_TABLES:
             conn.exec_driver_sql(per_table.replace("{table}", table.name))

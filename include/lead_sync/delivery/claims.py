@@ -15,13 +15,14 @@ from typing import Iterable, Sequence
 from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, true, update
 from sqlalchemy.engine import Connection, Engine
 
+from lead_sync.db.bulk import Ref, insert_rows, unnested, update_each
+from lead_sync.db.keys import among, key_chunks
 from lead_sync.db.schema import attempts, deliveries, outbox
-from lead_sync.db.bulk import Ref, unnested, insert_rows, update_each
 from lead_sync.clock import as_utc, utcnow
 from lead_sync.events import DEFERRED_CONFIRM, DEFERRED_START, DELIVERED, EVENT_ONE, PENDING, REJECTED
 from lead_sync.delivery.retry import UNKNOWN
 
-CHUNK = 500
+LISTED = 500  # keys sendable_keys lists unless told how many
 CLAIM_ROUNDS = 5  # reads of open events per kind and claim, when other senders take them meanwhile
 RESPONSE_CHARS = 1000
 
@@ -63,7 +64,7 @@ def _takeable(confirms: bool, not_tried_since: datetime, limit: int, now: dateti
     )
 
 
-def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = CHUNK,
+def sendable_keys(engine: Engine, confirms: bool, not_tried_since: datetime, limit: int = LISTED,
                   now: datetime | None = None) -> list[str]:
     """Keys of `_takeable` events (read only: claiming them is `claim_many`)."""
     with engine.connect() as conn:
@@ -99,12 +100,10 @@ def has_sendable(engine: Engine, now: datetime | None = None) -> bool:
 
 
 def _bodies(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
-    """The bodies to send of these events, in one query per CHUNK keys."""
+    """The bodies to send of these events, in one query per list of keys (db.keys)."""
     found: dict[str, dict] = {}
-    keys = list(keys)
-    for start in range(0, len(keys), CHUNK):
-        rows = conn.execute(select(outbox.c.event_key, outbox.c.body)
-                            .where(outbox.c.event_key.in_(keys[start:start + CHUNK])))
+    for chunk in key_chunks(conn, list(keys)):
+        rows = conn.execute(select(outbox.c.event_key, outbox.c.body).where(among(conn, outbox.c.event_key, chunk)))
         found.update((key, json.loads(body)) for key, body in rows)
     return found
 
@@ -169,7 +168,8 @@ def claim_many(engine: Engine, run_id: str, lease_seconds: float, not_tried_sinc
     `firsts_limit` of them), then the event 2s whose event 1 is delivered. Each kind is one
     `SELECT ... LIMIT n` of keys, which PostgreSQL runs `FOR UPDATE SKIP LOCKED` (senders claiming
     at the same moment take different events, without waiting for each other), then one
-    `UPDATE ... WHERE event_key IN (...) RETURNING` that checks again that each row is free.
+    `UPDATE ... WHERE event_key IN (...) RETURNING` (an array of keys on PostgreSQL, see db.keys)
+    that checks again that each row is free.
     By key, so that the update is an index lookup whatever the planner knows of the table."""
     now = now or utcnow()
     values = _claiming(run_id, lease_seconds, now, sender)
@@ -178,9 +178,9 @@ def claim_many(engine: Engine, run_id: str, lease_seconds: float, not_tried_sinc
 
     def take(conn: Connection, chosen: Sequence[str], free) -> list:
         rows: list = []
-        for start in range(0, len(chosen), CHUNK):
+        for chunk in key_chunks(conn, chosen):
             rows += conn.execute(
-                update(deliveries).where(deliveries.c.event_key.in_(chosen[start:start + CHUNK]), free)
+                update(deliveries).where(among(conn, deliveries.c.event_key, chunk), free)
                 .values(**values).returning(*_RETURNED)
             ).all()
         return rows
@@ -308,9 +308,9 @@ def settle_many(conn: Connection, run_id: str, items: Sequence[Settled]) -> None
          i.outcome.error) for i in items])
     # Only the bodies of events closed now or before: one another sender has taken again stays sendable.
     done = sorted({i.event_key for i in closed if i.outcome.status in (DELIVERED, REJECTED)})
-    for start in range(0, len(done), CHUNK):
+    for chunk in key_chunks(conn, done):
         conn.execute(delete(outbox).where(
-            outbox.c.event_key.in_(done[start:start + CHUNK]),
+            among(conn, outbox.c.event_key, chunk),
             exists().where(d.event_key == outbox.c.event_key, d.status.in_((DELIVERED, REJECTED)))))
     # A failed event keeps its body: a rerun of its partition may re-open and send it.
 

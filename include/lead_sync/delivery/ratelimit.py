@@ -29,15 +29,14 @@ from typing import Callable, Iterable, Sequence
 
 from sqlalchemy import Float, Integer, String, case, delete, func, insert, literal, select, update
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
 
-from lead_sync.db.schema import rate_buckets, rate_slots
 from lead_sync.db.bulk import update_each
+from lead_sync.db.keys import chunks
+from lead_sync.db.schema import rate_buckets, rate_slots
+from lead_sync.db.upsert import upsert
 
 WINDOW_SECONDS = 60.0
 MARGIN_SECONDS = 0.1
-# Slots written per statement (SQLite allows a bounded number of bound values per statement).
-_CHUNK = 500
 
 
 def bucket_name(base_url: str, token: str) -> str:
@@ -61,8 +60,7 @@ class Grant:
 
 class SharedRateLimiter:
     def __init__(self, engine: Engine, bucket: str, per_minute: int | None,
-                 margin_seconds: float = MARGIN_SECONDS, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 margin_seconds: float = MARGIN_SECONDS, clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.bucket = bucket
         self.per_minute = per_minute
@@ -70,19 +68,13 @@ class SharedRateLimiter:
         # A slot frees this long after its stamp (see the module's note on the margin).
         self.window = WINDOW_SECONDS + margin_seconds
         self.clock = clock
-        self.sleep = sleep
         if per_minute:
             self._create_bucket()  # the tables are there: the send task ensured them (ensure_stores)
 
     def _create_bucket(self) -> None:
-        with self.engine.connect() as conn:
-            if conn.execute(select(rate_buckets.c.bucket).where(rate_buckets.c.bucket == self.bucket)).first():
-                return
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(rate_buckets).values(bucket=self.bucket, touched_at=self.clock()))
-        except IntegrityError:
-            pass  # another sender created it first
+        # Insert-or-keep: senders racing to create the bucket all succeed, and one that is there stays as it is.
+        with self.engine.begin() as conn:
+            upsert(conn, rate_buckets, {"bucket": self.bucket, "touched_at": self.clock()}, update=())
 
     def try_acquire_many(self, count: int) -> tuple[list[Grant], float]:
         """Take up to `count` free slots in one transaction. Returns them, and when none was free,
@@ -100,16 +92,6 @@ class SharedRateLimiter:
             if result is None:
                 raise RuntimeError(f"rate-limit bucket {self.bucket} cannot be created")
         return result
-
-    def acquire_many(self, count: int, deadline: float | None = None) -> list[Grant]:
-        """Wait until at least one slot is free and take up to `count`; [] if none frees before `deadline`."""
-        while True:
-            granted, wait = self.try_acquire_many(count)
-            if granted:
-                return granted
-            if deadline is not None and self.clock() + wait > deadline:
-                return []
-            self.sleep(wait)
 
     def _grant_locked(self, count: int) -> tuple[list[Grant], float] | None:
         with self.engine.begin() as conn:
@@ -148,9 +130,8 @@ class SharedRateLimiter:
     @staticmethod
     def give_back_in(conn: Connection, slots: Sequence[int]) -> None:
         """`give_back` inside a caller's transaction (the sender's outcome writes)."""
-        ids = list(slots)
-        for start in range(0, len(ids), _CHUNK):
-            conn.execute(delete(rate_slots).where(rate_slots.c.id.in_(ids[start:start + _CHUNK])))
+        for chunk in chunks(list(slots)):  # bounded lists of bound values (SQLite's limit)
+            conn.execute(delete(rate_slots).where(rate_slots.c.id.in_(chunk)))
 
     @staticmethod
     def restamp_in(conn: Connection, stamps: Sequence[tuple[int, float]]) -> None:

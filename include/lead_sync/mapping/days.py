@@ -20,6 +20,15 @@ class ReadTally:
     keys: set[str] = dataclasses.field(default_factory=set)
 
 
+def _local_day(moment: datetime, zone) -> date | None:
+    """The moment's day in `zone`; None past the calendar's ends (year 1 or 9999 shifted out of range),
+    which is no partition's day."""
+    try:
+        return moment.astimezone(zone).date()
+    except OverflowError:
+        return None
+
+
 def map_rows(source: SourceConfig, names: list[str], rows: list[tuple], days: dict[date, Partition],
              home: Partition | None, known: dict[date, set[str]],
              tally: dict[date, ReadTally]) -> tuple[dict[date, list[LeadEvent]], int]:
@@ -37,7 +46,7 @@ def map_rows(source: SourceConfig, names: list[str], rows: list[tuple], days: di
     if getattr(zone, "key", None) in ("UTC", "Etc/UTC"):  # the moments are UTC already
         parts = [home if m.__class__ is str else days.get(m.date()) for m in moments]
     else:
-        parts = [home if m.__class__ is str else days.get(m.astimezone(zone).date()) for m in moments]
+        parts = [home if m.__class__ is str else days.get(_local_day(m, zone)) for m in moments]
     passed = 0
     for i, part in enumerate(parts):
         if part is None:

@@ -8,8 +8,8 @@ from typing import Iterable, Iterator, Sequence
 from sqlalchemy import select
 from sqlalchemy.engine import Connection, Engine
 
-from lead_sync.db.keys import PG_CHUNK, among, chunks, key_chunks
-from lead_sync.db.pg_copy import copies
+from lead_sync.db.key_reads import key_reads, keys_between, rows_by_key
+from lead_sync.db.keys import among, key_chunks
 from lead_sync.db.schema import deliveries, outbox
 from lead_sync.db.stream import stream
 from lead_sync.events import PENDING
@@ -57,31 +57,18 @@ def rows_on_record(conn: Connection, keys: Sequence[str]) -> dict[str, dict]:
     """The rows on record of these keys (their LOADED columns), and whether each has a body in
     the outbox (`has_body`)."""
     rows: dict[str, dict] = {}
-    if copies(conn):  # psycopg2 itself: these are the bulk of a rerun's reading
-        cursor = conn.connection.cursor()
-        try:
-            # Key lookups: whatever the table's statistics say (it may have just grown by a
-            # whole partition), one index probe per key beats reading the table per batch.
-            cursor.execute("SET LOCAL enable_seqscan = off")
-            for chunk in chunks(list(keys), PG_CHUNK):
-                cursor.execute(f"SELECT {', '.join(LOADED)} FROM {deliveries.name} WHERE event_key = ANY(%s)",
-                               (list(chunk),))
-                for values in cursor:
-                    rows[values[0]] = dict(zip(LOADED, values), has_body=False)
-            if len(rows) >= RANGE_ROWS:
-                # The keys of a batch are a range of them (see spool._bucket): the outbox's keys in
-                # that range are one short index scan, much less than a probe per key.
-                cursor.execute(f"SELECT event_key FROM {outbox.name} WHERE event_key BETWEEN %s AND %s",
-                               (min(rows), max(rows)))
-                for (key,) in cursor:
-                    if key in rows:
-                        rows[key]["has_body"] = True
-            else:
-                cursor.execute(f"SELECT event_key FROM {outbox.name} WHERE event_key = ANY(%s)", (list(rows),))
-                for (key,) in cursor:
-                    rows[key]["has_body"] = True
-        finally:
-            cursor.close()
+    if key_reads(conn):  # the bulk of a rerun's reading: psycopg2's own cursor is 20-25 % cheaper here
+        for values in rows_by_key(conn, deliveries, LOADED, keys):
+            rows[values[0]] = dict(zip(LOADED, values), has_body=False)
+        if len(rows) >= RANGE_ROWS:
+            # The keys of a batch are a range of them (see spool._bucket): the outbox's keys in
+            # that range are one short index scan, much less than a probe per key.
+            with_body: Iterable[str] = keys_between(conn, outbox, min(rows), max(rows))
+        else:
+            with_body = (key for (key,) in rows_by_key(conn, outbox, ("event_key",), list(rows)))
+        for key in with_body:
+            if key in rows:
+                rows[key]["has_body"] = True
         return rows
     query = select(*(deliveries.c[name] for name in LOADED),
                    outbox.c.event_key.is_not(None).label("has_body")).select_from(
